@@ -1,0 +1,31 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test install install-test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+
+demo: install
+	$(BIN)/lmforge demo --overwrite true $(ARGS)
+
+test: install-test
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install-test
+	$(BIN)/ruff check lmforge tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

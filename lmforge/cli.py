@@ -1,0 +1,91 @@
+"""`lmforge VERB [SUBVERB] --option value`: each verb is the Python function of the same name.
+
+jsonargparse builds every parser from the function's signature and its docstring (the help text),
+validates types and Literal choices, and gives each verb `--config file.yaml` whose values the
+command line overrides — so this file only names the verbs. Options may be spelled with dashes or
+underscores (`--max-steps` = `--max_steps`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+from lmforge.errors import LMForgeError
+
+
+def models() -> str:
+    """List the built-in model presets with their sizes."""
+    import torch
+
+    from lmforge.config import PRESETS, preset
+    from lmforge.model.gpt import GPT
+
+    rows = ["preset                family  layers  width  heads  kv  context  params"]
+    for name in PRESETS:
+        c = preset(name)
+        with torch.device("meta"):
+            n = GPT(c).num_params()
+        rows.append(f"{name:<21} {c.family:<7} {c.num_hidden_layers:>6} {c.hidden_size:>6} "
+                    f"{c.num_attention_heads:>6} {c.num_key_value_heads:>3} {c.max_position_embeddings:>8} "
+                    f"{n / 1e6:>6.1f}M")
+    return "\n".join(rows)
+
+
+def verbs() -> dict[str, Any]:
+    from lmforge.api import generate
+    from lmforge.data.pack import pack
+    from lmforge.demo import demo
+    from lmforge.eval.perplexity import perplexity
+    from lmforge.tokenizer import train_tokenizer
+    from lmforge.train.pretrain import pretrain
+
+    return {
+        "tokenizer": {"train": train_tokenizer},
+        "data": {"pack": pack},
+        "pretrain": pretrain,
+        "eval": {"perplexity": perplexity},
+        "generate": generate,
+        "demo": demo,
+        "models": models,
+    }
+
+
+_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9_-]*")
+
+
+def normalize_options(argv: list[str]) -> list[str]:
+    """`--max-steps 5` → `--max_steps 5`; values after `=` are left alone."""
+    return [_OPTION.sub(lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in argv]
+
+
+def show(result: Any) -> None:
+    if result is None:
+        return
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import CLI
+
+    args = normalize_options(sys.argv[1:] if argv is None else argv)
+    try:
+        show(CLI(verbs(), args=args, as_positional=False, prog="lmforge",
+                 description="lmforge: raw text to a served language model."))
+    except LMForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,208 @@
+"""A decoder-only Transformer that is GPT-2, Llama, Qwen2 or Qwen3 depending on its config.
+
+Reads top to bottom like the papers: token (and position) embeddings, N pre-norm blocks of
+attention + MLP with residual connections, a final norm, and a linear head to vocabulary logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+from lmforge.model.init import init_weights
+
+# enable_gqa arrived in torch 2.5; on 2.4 we repeat K/V heads ourselves.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def norm_layer(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":  # Zhang & Sennrich 2019: scale only, no mean subtraction
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+class Rope(nn.Module):
+    """Rotary position embedding (Su et al. 2021), in the half-split layout Hugging Face checkpoints use."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, so each decode step attends without recomputing."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.length = 0
+        self.max_length = max_length
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k/v after what is cached and return everything cached so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """softmax(QKᵀ/√d_k)·V over heads, with grouped K/V heads (GQA, Ainslie et al. 2023)."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, qkv_out, bias=config.bias or config.qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = qkv.shape
+        sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        q, k, v = qkv.split(sizes, dim=-1)
+        return (q.view(B, T, -1, self.head_dim).transpose(1, 2),
+                k.view(B, T, -1, self.head_dim).transpose(1, 2),
+                v.view(B, T, -1, self.head_dim).transpose(1, 2))
+
+    def forward(self, x: Tensor, rope: Rope | None, positions: Tensor,
+                cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.split_heads(self.qkv(x))
+        if self.q_norm is not None:  # Qwen3: normalise per head before rotating
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q, positions), rope(k, positions)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if self.n_kv_head != self.n_head and not _SDPA_HAS_GQA:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head and _SDPA_HAS_GQA else {}
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, **gqa)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU, silu(xW_gate)·(xW_up) (Shazeer 2020), then a projection back down."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        width = config.intermediate_size * (2 if self.swiglu else 1)
+        self.up = nn.Linear(config.hidden_size, width, bias=config.bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019)."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = norm_layer(config, config.hidden_size)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = norm_layer(config, config.hidden_size)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: Rope | None, positions: Tensor,
+                cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, positions, cache, mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_embed = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                          if config.position == "learned" else None)
+        self.rope = (Rope(config.head_dim, config.max_position_embeddings, config.rope_theta)
+                     if config.position == "rope" else None)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm_layer(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        init_weights(self, config)
+        if config.tie_word_embeddings:  # Press & Wolf 2017: one matrix reads and writes tokens
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]; with a cache, positions continue after what it holds."""
+        start = cache.length if cache is not None else 0
+        T = idx.shape[1]
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of "
+                             f"{self.config.max_position_embeddings}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.embed(idx)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = self.dropout(x)
+        mask = None
+        if cache is not None and start > 0 and T > 1:  # a chunk after a cached prefix: causal, offset by start
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        for block in self.blocks:
+            x = block(x, self.rope, positions, cache, mask)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))
+
+    def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.embed.weight
+        return KVCache(self.config, batch_size, max_length or self.config.max_position_embeddings,
+                       device=weight.device, dtype=dtype or weight.dtype)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); without embeddings as in Kaplan et al. 2020."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """6N + 12·L·d·T for a training step (PaLM, Chowdhery et al. 2022, appendix B); a third of it forward only.
+
+        N counts every matmul weight including the head; the second term is attention's QKᵀ and AV.
+        """
+        c = self.config
+        T = seq_len or c.max_position_embeddings
+        matmul_params = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel()
+        attention = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
+        forward = 2 * matmul_params + attention
+        return 3 * forward if training else forward
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+

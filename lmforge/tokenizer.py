@@ -1,0 +1,305 @@
+"""Byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant, Radford et al. 2019) via HF `tokenizers`.
+
+Byte level means every string has an encoding: the base alphabet is the 256 bytes, so there is no
+unknown token and decode(encode(s)) == s for every string. Files are the HF format (tokenizer.json plus
+tokenizer_config.json), so a tokenizer trained here loads in transformers and any HF tokenizer loads here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_write_json, atomic_write_text
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+BOS = "<|begin_of_text|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, BOS, IM_START, IM_END]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# transformers' VERY_LARGE_INTEGER: "no limit here"; the model's context length is in config.json.
+_NO_MAX_LENGTH = int(1e30)
+
+
+def _count_documents(data: Path, glob: str | None, cap: int | None) -> int:
+    """About how many documents there are (lines or files), for the progress bar; counting is I/O-bound."""
+    from lmforge.data.datasets import list_files
+
+    total = 0
+    for path in list_files(data, glob):
+        if path.suffix.lower() == ".jsonl":
+            with open(path, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        else:
+            total += 1
+        if cap is not None and total >= cap:
+            return cap
+    return total
+
+
+def train_tokenizer(
+    data: Path,
+    out: Path = Path("tok"),
+    *,
+    vocab_size: int = 8192,
+    field: str = "text",
+    glob: str | None = None,
+    min_frequency: int = 2,
+    max_documents: int | None = None,
+) -> Path:
+    """Train a byte-level BPE tokenizer on a corpus.
+
+    The tokenizer reserves <|endoftext|> (ends every document), <|pad|>, <|begin_of_text|>,
+    <|im_start|> and <|im_end|> (ChatML chat turns) as ids 0-4, and ships a ChatML chat template.
+    Any string round-trips exactly: there is no unknown token and no normalization.
+
+    Args:
+        data: A text or JSONL file, or a folder searched recursively for them.
+        out: Directory to write tokenizer.json and tokenizer_config.json into.
+        vocab_size: Total vocabulary size including the 256 byte tokens and the 5 special tokens.
+        field: The JSON field holding the text in .jsonl files.
+        glob: Only read files matching this pattern, e.g. "*.jsonl".
+        min_frequency: Only merge pairs seen at least this many times.
+        max_documents: Train on the first this many documents only (faster on a big corpus).
+
+    Returns:
+        The tokenizer directory.
+    """
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    if max_documents is not None and max_documents < 1:
+        raise ConfigError(f"max_documents={max_documents} must be at least 1")
+    # Imported here: lmforge.data's packer imports this module, and the tokenizer must load without it.
+    from lmforge.data.datasets import iter_documents
+
+    out = Path(out)
+    length = _count_documents(data, glob, max_documents)
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+
+    def documents() -> Iterator[str]:
+        for i, doc in enumerate(iter_documents(data, field=field, glob=glob)):
+            if max_documents is not None and i >= max_documents:
+                return
+            yield doc
+
+    print(f"training a {vocab_size}-token BPE tokenizer on {data} (~{length:,} documents)", file=sys.stderr)
+    tok.train_from_iterator(documents(), trainer=trainer, length=length)
+    result = Tokenizer(tok, _default_config())
+    result.save(out)
+    print(f"wrote {out}/tokenizer.json ({result.vocab_size} tokens)", file=sys.stderr)
+    return out
+
+
+def _default_config() -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": None,
+        "additional_special_tokens": [IM_START, IM_END],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": _NO_MAX_LENGTH,
+        "chat_template": CHATML_TEMPLATE,
+    }
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json stores special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special-token and chat-template settings of tokenizer_config.json."""
+
+    def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None):
+        self.hf = tokenizer
+        self.config: dict[str, Any] = dict(config or {})
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        # Ids need not be contiguous in foreign tokenizers; size embeddings by the largest id.
+        self.vocab_size = max(
+            tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1
+        )
+        self.eos_id = self._resolve("eos_token", EOS)
+        self.bos_id = self._resolve("bos_token", BOS)
+        self.pad_id = self._resolve("pad_token", PAD)
+        configured = self.config.get("add_bos_token")
+        self._bos_by_default = self._post_processor_adds_bos() if configured is None else bool(configured)
+        self.add_bos = self._bos_by_default
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # transformers' multi-template form: [{"name", "template"}]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template if isinstance(template, str) else None
+
+    def _resolve(self, key: str, default: str) -> int | None:
+        if key in self.config:
+            content = _token_content(self.config[key])
+            return None if content is None else self.hf.token_to_id(content)
+        return self.hf.token_to_id(default)
+
+    def _post_processor_adds_bos(self) -> bool:
+        """Whether tokenizer.json itself prepends BOS (Llama 3 does, with no add_bos_token in its config)."""
+        if self.bos_id is None:
+            return False
+        with_specials = self.hf.encode("a", add_special_tokens=True).ids
+        without = self.hf.encode("a", add_special_tokens=False).ids
+        return with_specials[:1] == [self.bos_id] and without[:1] != [self.bos_id]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load tokenizer.json (and tokenizer_config.json if present) from a directory."""
+        path = Path(path)
+        directory = path.parent if path.is_file() and path.name == "tokenizer.json" else path
+        file = directory / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(
+                f"{directory}: no tokenizer.json here; train one with `lmforge tokenizer train`"
+            )
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises plain Exception on a malformed file
+            raise CheckpointError(f"{file}: not a valid HF tokenizers file ({e})") from None
+        config: dict[str, Any] = {}
+        config_file = directory / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{config_file}: malformed JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{config_file}: expected a JSON object")
+        return cls(tok, config)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.json and tokenizer_config.json into `directory` (each atomically)."""
+        directory = Path(directory)
+        atomic_write_text(directory / "tokenizer.json", self.hf.to_str(pretty=True))
+        config = dict(self.config)
+        if "add_bos_token" in config or self.add_bos != self._bos_by_default:
+            config["add_bos_token"] = self.add_bos
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        atomic_write_json(directory / "tokenizer_config.json", config)
+        return directory
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return self._with_bos(ids, add_bos)
+
+    def encode_batch(self, texts: Iterable[str], *, add_bos: bool | None = None) -> list[list[int]]:
+        """Encode many texts at once; `tokenizers` spreads them over all cores."""
+        encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        return [self._with_bos(e.ids, add_bos) for e in encodings]
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
+        # BOS is added here, not by a post-processor, so add_bos means the same for every tokenizer.
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            return [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.hf.id_to_token(token_id)
+
+    def token_str(self, key: str) -> str | None:
+        """The text of a special token named in tokenizer_config.json ("eos_token", "bos_token", ...)."""
+        content = _token_content(self.config.get(key))
+        if content is not None:
+            return content
+        token_id = {"eos_token": self.eos_id, "bos_token": self.bos_id, "pad_token": self.pad_id}.get(key)
+        return None if token_id is None else self.hf.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render `messages` with the Jinja chat template, sandboxed like transformers does."""
+        if self.chat_template is None:
+            raise ConfigError(
+                "this tokenizer has no chat_template in tokenizer_config.json; it cannot format chats"
+            )
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        return env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.token_str("bos_token") or "",
+            eos_token=self.token_str("eos_token") or "",
+        )
+
+
+def _raise_template_error(message: str) -> None:
+    raise ConfigError(f"chat template: {message}")
+
+
+class IncrementalDecoder:
+    """Turn a stream of token ids into text pieces that never split a multi-byte UTF-8 character.
+
+    A byte-level token can be half of a character; decoding it alone gives U+FFFD. So decode the ids
+    since the last emitted piece, with the previous piece as left context (tokenizers that strip a
+    leading space need it), hold back while the result ends in U+FFFD, and emit only the new suffix.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix_text = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix)
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Emit whatever is held back (an incomplete character at the very end decodes to U+FFFD)."""
+        prefix_text = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix)
+        self._prefix = self._read = len(self.ids)
+        return text[len(prefix_text) :]

@@ -1,0 +1,70 @@
+"""Data parallelism through torch.distributed: one process per device, launched by `torchrun`.
+
+Each rank trains on its own slice of the global batch (the loader shards by rank); DDP averages
+gradients, so the update equals a single process's update on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Join the process group if `torchrun` set WORLD_SIZE > 1: nccl on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def all_reduce_mean(value: torch.Tensor, ctx: Dist) -> torch.Tensor:
+    if ctx.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= ctx.world_size
+    return value
+
+
+def broadcast_flag(flag: bool, ctx: Dist) -> bool:
+    """Rank 0 decides (e.g. the time limit); every rank must stop at the same step or DDP deadlocks."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def shutdown(ctx: Dist) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
