@@ -148,7 +148,7 @@ def demo(
     before = perplexity(untrained, held_dir, progress=False)
     stage(f"4/6 held-out perplexity before training: {before['perplexity']:.1f}; pretraining {model}")
     reserve = 1.0  # minutes for evaluation, samples and the report
-    train_minutes = max(0.5, minutes - (time.perf_counter() - start) / 60 - reserve)
+    train_minutes = max(0.2, minutes - (time.perf_counter() - start) / 60 - reserve)
     ckpt = pretrain(packed, model, out / "model", max_minutes=train_minutes, batch_size=batch_size, lr=lr,
                     warmup_steps=50, lr_decay_steps=_expected_steps(train_minutes), eval_every=250,
                     eval_batches=10, save_every=250, seed=seed)
