@@ -34,7 +34,7 @@ def extract_corpus(out: Path, max_mb: float = 12.0) -> tuple[Path, Path]:
     train_dir, held_dir = out / "train", out / "heldout"
     train_dir.mkdir(parents=True, exist_ok=True)
     held_dir.mkdir(parents=True, exist_ok=True)
-    budget, held_budget = int(max_mb * 1e6), 300_000
+    budget, held_budget = int(max_mb * 1e6), min(300_000, int(max_mb * 25_000))
     with open(train_dir / "corpus.jsonl", "w", encoding="utf-8") as train:
         for key in sorted(topics):
             text = topics[key].strip()
@@ -93,6 +93,7 @@ def demo(
     corpus_mb: float = 12.0,
     batch_size: int = 16,
     lr: float = 2e-3,
+    max_steps: int | None = None,
     overwrite: bool = False,
     seed: int = 0,
 ) -> Path:
@@ -111,6 +112,7 @@ def demo(
         corpus_mb: Megabytes of standard-library source to train on.
         batch_size: Windows per training step.
         lr: Peak learning rate (small models tolerate a high one).
+        max_steps: Also stop training after this many steps (for a run that does not depend on speed).
         overwrite: Replace an existing demo directory at `out`.
         seed: Seed for everything random.
 
@@ -149,8 +151,9 @@ def demo(
     stage(f"4/6 held-out perplexity before training: {before['perplexity']:.1f}; pretraining {model}")
     reserve = 1.0  # minutes for evaluation, samples and the report
     train_minutes = max(0.2, minutes - (time.perf_counter() - start) / 60 - reserve)
-    ckpt = pretrain(packed, model, out / "model", max_minutes=train_minutes, batch_size=batch_size, lr=lr,
-                    warmup_steps=50, lr_decay_steps=_expected_steps(train_minutes), eval_every=250,
+    ckpt = pretrain(packed, model, out / "model", max_minutes=train_minutes, max_steps=max_steps,
+                    batch_size=batch_size, lr=lr, warmup_steps=50,
+                    lr_decay_steps=max_steps or _expected_steps(train_minutes), eval_every=250,
                     eval_batches=10, save_every=250, seed=seed)
 
     stage("5/6 held-out perplexity after training")

@@ -22,8 +22,10 @@ class Progress:
     """`Progress(total, "train").update(step, loss=2.1, lr=3e-4)`; ETA from the mean rate since start."""
 
     def __init__(self, total: float | None, desc: str, *, unit: str = "it", interval: float | None = None,
-                 stream: TextIO | None = None, enabled: bool = True) -> None:
+                 stream: TextIO | None = None, enabled: bool = True, time_limit: float | None = None) -> None:
+        """`time_limit` (seconds) gives an ETA to jobs bounded by time rather than by a count."""
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.time_limit = time_limit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.tty else 10.0)
@@ -40,6 +42,9 @@ class Progress:
             self.last_print = now
             self._print(now)
 
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
     def _print(self, now: float) -> None:
         elapsed = now - self.start
         parts = [self.desc]
@@ -49,8 +54,11 @@ class Progress:
             parts.append(f"{self.done:g} {self.unit}")
         parts += [f"{k} {_fmt(v)}" for k, v in self.fields.items()]
         parts.append(f"elapsed {format_duration(elapsed)}")
+        eta = [self.time_limit - elapsed] if self.time_limit else []
         if self.total and self.done:
-            parts.append(f"eta {format_duration(elapsed * (self.total - self.done) / self.done)}")
+            eta.append(elapsed * (self.total - self.done) / self.done)
+        if eta:
+            parts.append(f"eta {format_duration(min(eta))}")
         line = " | ".join(parts)
         self.stream.write(f"\r\033[K{line}" if self.tty else f"{line}\n")
         self.stream.flush()

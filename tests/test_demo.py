@@ -10,8 +10,8 @@ import lmforge
 
 def test_demo_runs_the_whole_chain_and_reports_lower_perplexity(tmp_path):
     """A short demo writes a report whose trained perplexity is well below the untrained one."""
-    report = lmforge.demo(minutes=0.5, out=tmp_path / "demo", model="gpt2-tiny", vocab_size=512, corpus_mb=0.3,
-                          batch_size=8, lr=3e-3)
+    report = lmforge.demo(minutes=30, max_steps=60, out=tmp_path / "demo", model="gpt2-tiny", vocab_size=512,
+                          corpus_mb=0.3, batch_size=8, lr=3e-3)
     out = tmp_path / "demo"
     text = report.read_text()
     untrained = float(re.search(r"\| untrained \| ([\d.]+) \|", text).group(1))

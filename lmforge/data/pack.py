@@ -14,8 +14,6 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import shutil
-import sys
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain
@@ -27,6 +25,7 @@ import numpy as np
 from lmforge.data.datasets import iter_documents
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_bytes, atomic_write_json
+from lmforge.progress import Progress
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -153,14 +152,6 @@ class _ShardWriter:
         self.shards.append(name)
 
 
-def _show_progress(documents: int, tokens: int, elapsed: float, done: bool = False) -> None:
-    rate = tokens / elapsed if elapsed > 0 else 0.0
-    end = "\n" if done else ""
-    print(
-        f"\rpacked {documents:,} documents, {tokens:,} tokens, {rate:,.0f} tokens/s", end=end, file=sys.stderr
-    )
-
-
 def _refuse_nonempty(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; choose another --out or remove it first")
@@ -262,7 +253,7 @@ def _write_splits(
     val_fraction = init_args[3]
     held: dict[str, np.ndarray | None] = {"train": None, "val": None}
     documents = tokens = 0
-    start = last_shown = time.monotonic()
+    bar = Progress(None, "pack", unit="documents")
     for flat, lengths, is_val in _encoded(
         _batches(iter_documents(data, field=field, glob=glob)), workers, init_args
     ):
@@ -274,11 +265,8 @@ def _write_splits(
             held[split] = flat[offsets[i] : offsets[i + 1]]
         documents += len(lengths)
         tokens += len(flat)
-        if time.monotonic() - last_shown > 0.5:
-            last_shown = time.monotonic()
-            _show_progress(documents, tokens, last_shown - start)
-    if documents:
-        _show_progress(documents, tokens, time.monotonic() - start, done=True)
+        bar.update(documents, tokens=f"{tokens:,}", **{"tok/s": f"{tokens / bar.elapsed():,.0f}"})
+    bar.close()
     # A tiny corpus must still train and validate: hashing alone may leave either split empty.
     if held["train"] is None and held["val"] is not None:
         held["train"], held["val"] = held["val"], None

@@ -136,7 +136,8 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
     if total_steps is None and cfg.max_tokens is not None:
         total_steps = -(-cfg.max_tokens // tokens_per_step)
     decay_steps = cfg.lr_decay_steps or total_steps
-    bar = Progress(total_steps, "train", unit="steps", enabled=progress and ctx.is_main)
+    bar = Progress(total_steps, "train", unit="steps", enabled=progress and ctx.is_main,
+                   time_limit=60 * cfg.max_minutes if cfg.max_minutes else None)
     metrics = open(out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115 (closed below)
 
     def save() -> None:
@@ -152,14 +153,32 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
+    def log_step(loss_sum: Tensor, lr: float, grad_norm: Tensor | None) -> None:
+        nonlocal train_loss, last_time, last_tokens, logged_step
+        train_loss = all_reduce_mean(loss_sum / cfg.grad_accum, ctx).item()
+        now = time.perf_counter()
+        tok_s = (tokens - last_tokens) / (now - last_time)
+        last_time, last_tokens, logged_step = now, tokens, step
+        record = {"step": step, "tokens": tokens, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
+                  "elapsed_s": elapsed_before + now - start}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if peak:
+            record["mfu"] = tok_s * flops_per_token / (peak * ctx.world_size)
+        log(record)
+        bar.update(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_s)},
+                   **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}))
+
     start = last_time = time.perf_counter()
-    last_tokens, train_loss, val_loss, stopped_by = tokens, None, None, "max_steps"
+    last_tokens, train_loss, val_loss, stopped_by, logged_step = tokens, None, None, "max_steps", step
     model.train()
     with _stop_on_sigint() as interrupted:
         while True:
             stop = "interrupted" if interrupted() else _stop_reason(cfg, step, tokens, time.perf_counter() - start)
             if broadcast_flag(stop is not None, ctx):
                 stopped_by = stop or "rank 0"
+                if step > logged_step:  # the curve always ends at the last step taken
+                    log_step(loss_sum, lr, grad_norm)
                 break
             lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup_steps, total=decay_steps, schedule=cfg.schedule,
                        min_ratio=cfg.min_lr_ratio)
@@ -181,19 +200,7 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
             step += 1
             tokens += tokens_per_step
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                train_loss = all_reduce_mean(loss_sum / cfg.grad_accum, ctx).item()
-                now = time.perf_counter()
-                tok_s = (tokens - last_tokens) / (now - last_time)
-                last_time, last_tokens = now, tokens
-                record = {"step": step, "tokens": tokens, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
-                          "elapsed_s": elapsed_before + now - start}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                if peak:
-                    record["mfu"] = tok_s * flops_per_token / (peak * ctx.world_size)
-                log(record)
-                bar.update(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_s)},
-                           **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}))
+                log_step(loss_sum, lr, grad_norm)
             if val_loader is not None and step % cfg.eval_every == 0:
                 val_loss = evaluate(model, val_loader, cfg.eval_batches, loss_fn, cfg.precision, ctx)
                 log({"step": step, "tokens": tokens, "val_loss": val_loss})
