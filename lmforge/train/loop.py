@@ -171,6 +171,7 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
 
     start = last_time = time.perf_counter()
     last_tokens, train_loss, val_loss, stopped_by, logged_step = tokens, None, None, "max_steps", step
+    loss_sum, lr, grad_norm = torch.zeros((), device=ctx.device), cfg.lr, None
     model.train()
     with _stop_on_sigint() as interrupted:
         while True:
