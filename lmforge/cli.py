@@ -53,7 +53,7 @@ def verbs() -> dict[str, Any]:
     }
 
 
-_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9_-]*")
+_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9_-]*(?==|$)")  # a whole word or before "=": never a value
 
 
 def normalize_options(argv: list[str]) -> list[str]:

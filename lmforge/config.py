@@ -54,6 +54,11 @@ class ModelConfig:
     family: str = "llama"  # informational: which published architecture this shape follows
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value} must be at least 1")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -76,8 +81,6 @@ class ModelConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.vocab_size < 1 or self.hidden_size < 1 or self.num_hidden_layers < 1:
-            raise ConfigError("vocab_size, hidden_size and num_hidden_layers must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return {"architectures": ["LMForgeGPT"], "model_type": "lmforge", **dataclasses.asdict(self)}

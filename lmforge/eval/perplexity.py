@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.datasets import iter_documents
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.progress import Progress
 from lmforge.train.precision import autocast
 
@@ -138,11 +138,13 @@ def perplexity(
     from lmforge.api import LM, load
 
     lm = model if isinstance(model, LM) else load(model, device=device)
-    block_size = block_size or lm.config.max_position_embeddings
-    block_size = min(block_size, lm.config.max_position_embeddings)
-    stride = stride or max(1, block_size // 2)
+    context = lm.config.max_position_embeddings
+    block_size = context if block_size is None else block_size
+    if not 0 < block_size <= context:
+        raise ConfigError(f"block_size={block_size} must be between 1 and the model's context ({context})")
+    stride = max(1, block_size // 2) if stride is None else stride
     if not 0 < stride <= block_size:
-        raise DataError(f"stride={stride} must be between 1 and block_size={block_size}")
+        raise ConfigError(f"stride={stride} must be between 1 and block_size={block_size}")
     ids, score, text_bytes = token_stream(lm, Path(data), field)
     if not any(score):
         raise DataError(f"{data}: no text to score")

@@ -193,7 +193,8 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
         """6N + 12·L·d·T for a training step (PaLM, Chowdhery et al. 2022, appendix B); a third of it forward only.
 
-        N counts every matmul weight including the head; the second term is attention's QKᵀ and AV.
+        N counts the non-embedding parameters plus the head's matrix (the matmuls); the second term
+        is attention's QKᵀ and AV.
         """
         c = self.config
         T = seq_len or c.max_position_embeddings

@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules.
 
-Weight decay applies to matrices only: decaying norm scales, biases and embeddings' rows toward zero
-hurts (as in GPT-2 / nanoGPT's parameter groups).
+Weight decay applies to matrices (embeddings included) only: pulling norm scales and biases toward
+zero only hurts (nanoGPT's parameter groups).
 """
 
 from __future__ import annotations

@@ -1,0 +1,114 @@
+"""`lmforge.load` and the LM object: reproducible sampling, streaming, log-probabilities, chat, clear load errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmforge
+from lmforge.api import LM
+from lmforge.config import preset
+from lmforge.errors import CheckpointError
+from lmforge.tokenizer import IM_END
+
+PROMPT = "The model learns to"
+# Sampled, never stopped early by eos, so each completion is 12 real tokens of a random model.
+SAMPLE = dict(max_new_tokens=12, temperature=1.0, stop_at_eos=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_checkpoint: Callable[..., Path]) -> Path:
+    return make_checkpoint("gpt2-tiny")
+
+
+@pytest.fixture(scope="module")
+def lm(ckpt: Path) -> LM:
+    return lmforge.load(ckpt, device="cpu")
+
+
+def test_load_restores_the_saved_weights(ckpt: Path, lm: LM, make_lm: Callable[..., LM]) -> None:
+    """The loaded model's state equals the one saved, including the tied head."""
+    saved = make_lm("gpt2-tiny").model.state_dict()
+    loaded = lm.model.state_dict()
+    assert saved.keys() == loaded.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, loaded[name]), name
+    assert lm.model.lm_head.weight is lm.model.embed.weight
+
+
+def test_generate_with_a_seed_is_reproducible(lm: LM) -> None:
+    """The same seed gives the same sampled completion, from the same LM and from a fresh load."""
+    first = lm.generate(PROMPT, seed=7, **SAMPLE)
+    assert first
+    assert lm.generate(PROMPT, seed=7, **SAMPLE) == first
+    assert lmforge.load(lm.path, device="cpu").generate(PROMPT, seed=7, **SAMPLE) == first
+
+
+def test_stream_pieces_join_to_generate(lm: LM) -> None:
+    """The streamed pieces, concatenated, are exactly generate's string for the same seed."""
+    pieces = list(lm.stream(PROMPT, seed=3, **SAMPLE))
+    assert len(pieces) > 1
+    assert "".join(pieces) == lm.generate(PROMPT, seed=3, **SAMPLE)
+
+
+def test_logprobs_equal_log_softmax_of_a_direct_forward(lm: LM) -> None:
+    """logprobs(text) = log_softmax of the model's logits at each previous position, starting after eos."""
+    text = "The cat sat on the mat. 你好"
+    ids = [lm.tokenizer.eos_id, *lm.tokenizer.encode(text)]
+    with torch.no_grad():
+        logp = F.log_softmax(lm.model(torch.tensor([ids[:-1]])).double(), dim=-1)[0]
+    got = lm.logprobs(text)
+    assert [token for token, _ in got] == [lm.tokenizer.decode([t]) for t in ids[1:]]
+    expected = [logp[i, t].item() for i, t in enumerate(ids[1:])]
+    assert [v for _, v in got] == pytest.approx(expected, abs=1e-5)
+    assert all(v < 0 for _, v in got)
+
+
+def test_chat_generates_from_the_chatml_rendering_and_stops_at_im_end(
+        lm: LM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chat() renders the messages with the template plus the assistant header and stops at <|im_end|>."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    calls = []
+    original = LM.generate
+
+    def spy(self: LM, prompt: str, **sampling: object) -> str:
+        calls.append((prompt, sampling))
+        return original(self, prompt, **sampling)
+
+    monkeypatch.setattr(LM, "generate", spy)
+    reply = lm.chat(messages, seed=0, max_new_tokens=6)
+    assert isinstance(reply, str)
+    [(prompt, sampling)] = calls
+    assert prompt == lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
+                     "<|im_start|>assistant\n"
+    assert sampling["stop"] == [IM_END]
+
+
+def test_load_without_weights_names_the_missing_file(ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint directory lacking model.safetensors raises CheckpointError naming that file."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((ckpt / name).read_bytes())
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        lmforge.load(tmp_path)
+
+
+def test_weights_of_another_architecture_are_refused(
+        make_checkpoint: Callable[..., Path], tmp_path: Path, lm: LM) -> None:
+    """gpt2-tiny weights under a llama-tiny config.json raise CheckpointError saying they do not match."""
+    make_checkpoint("gpt2-tiny", out=tmp_path)
+    llama = preset("llama-tiny", vocab_size=lm.tokenizer.vocab_size)
+    (tmp_path / "config.json").write_text(json.dumps(llama.to_dict()))
+    with pytest.raises(CheckpointError, match=r"do not match config\.json.*another architecture"):
+        lmforge.load(tmp_path)
+
+
+def test_load_of_a_missing_directory_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """load() of a path that is not a directory raises CheckpointError naming the path."""
+    with pytest.raises(CheckpointError, match="nowhere"):
+        lmforge.load(tmp_path / "nowhere")
