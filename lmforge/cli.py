@@ -61,6 +61,19 @@ def normalize_options(argv: list[str]) -> list[str]:
     return [_OPTION.sub(lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in argv]
 
 
+def _dashed_help_formatter():
+    from jsonargparse import DefaultHelpFormatter
+
+    class DashedHelpFormatter(DefaultHelpFormatter):
+        """Help shows `--max-steps`, the spelling the README uses; both spellings parse."""
+
+        def format_help(self) -> str:
+            return re.sub(r"--([a-z0-9]+(?:_[a-z0-9]+)+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                          super().format_help())
+
+    return DashedHelpFormatter
+
+
 def show(result: Any) -> None:
     if result is None:
         return
@@ -75,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = normalize_options(sys.argv[1:] if argv is None else argv)
     try:
-        show(CLI(verbs(), args=args, as_positional=False, prog="lmforge",
+        show(CLI(verbs(), args=args, as_positional=False, prog="lmforge", formatter_class=_dashed_help_formatter(),
                  description="lmforge: raw text to a served language model."))
     except LMForgeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -138,3 +138,11 @@ def test_bf16_mixed_precision_trains(packed, tmp_path):
     run = lmforge.pretrain(packed, out=tmp_path / "run", max_steps=3, **{**SMALL, "precision": "bf16-mixed"})
     assert all(v == v for v in losses(run).values())  # finite, not NaN
     assert lmforge.load(run).model.embed.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_gradient_accumulation_matches_the_larger_batch(packed, tmp_path):
+    """2 micro-batches of 2 windows take the same steps as 1 batch of 4 (the same windows, mean loss)."""
+    big = lmforge.pretrain(packed, out=tmp_path / "big", max_steps=4, **SMALL)
+    accum = lmforge.pretrain(packed, out=tmp_path / "accum", max_steps=4, grad_accum=2, **{**SMALL, "batch_size": 2})
+    for step, loss in losses(big).items():
+        assert losses(accum)[step] == pytest.approx(loss, abs=1e-5)
