@@ -20,7 +20,7 @@ from lmforge.model.gpt import GPT
 
 LAYERS = 2
 INIT_SHAPES = {
-    "gpt2": dict(norm="layernorm", mlp="gelu", position="learned", bias=True),
+    "gpt2": dict(norm="layernorm", mlp="gelu_tanh", position="learned", bias=True),
     "llama": dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False),
 }
 

@@ -105,11 +105,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU, silu(xW_gate)·(xW_up) (Shazeer 2020), then a projection back down."""
+    """GELU MLP (Hendrycks & Gimpel 2016; GPT-2 uses its tanh approximation) or SwiGLU,
+    silu(xW_gate)·(xW_up) (Shazeer 2020), then a projection back down."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         width = config.intermediate_size * (2 if self.swiglu else 1)
         self.up = nn.Linear(config.hidden_size, width, bias=config.bias)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
@@ -118,7 +120,7 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's "gelu_new"
+        return self.down(F.gelu(self.up(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):
