@@ -153,7 +153,7 @@ def demo(
     train_minutes = max(0.2, minutes - (time.perf_counter() - start) / 60 - reserve)
     ckpt = pretrain(packed, model, out / "model", max_minutes=train_minutes, max_steps=max_steps,
                     batch_size=batch_size, lr=lr, warmup_steps=50,
-                    lr_decay_steps=max_steps or _expected_steps(train_minutes), eval_every=250,
+                    eval_every=100,
                     eval_batches=10, save_every=250, seed=seed)
 
     stage("5/6 held-out perplexity after training")
@@ -169,11 +169,6 @@ def demo(
           f"next: lmforge generate --model {ckpt} --prompt 'def main(' | "
           f"lmforge pretrain --resume {ckpt} --max-minutes 10", file=sys.stderr)
     return report
-
-
-def _expected_steps(train_minutes: float) -> int:
-    """Cosine decay needs a horizon; a time-bounded run decays over a conservative step estimate."""
-    return max(100, int(train_minutes * 60 * 2))
 
 
 def _report(out: Path, ckpt: Path, model: str, minutes: float, before: dict, after: dict,

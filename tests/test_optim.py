@@ -131,3 +131,13 @@ def test_cosine_follows_the_closed_form() -> None:
         progress = (s - warmup) / (total - warmup)
         expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         assert lr_at(s, peak=peak, warmup=warmup, total=total, min_ratio=floor) == pytest.approx(expected)
+
+
+def test_time_bounded_run_decays_over_its_budget() -> None:
+    """With `progress` (fraction of a time budget) the cosine follows it, whatever the step count."""
+    kwargs = dict(peak=1.0, warmup=10, total=None, schedule="cosine", min_ratio=0.1)
+    assert lr_at(5, **kwargs, progress=0.9) == pytest.approx(0.6)  # warmup still comes first
+    assert lr_at(500, **kwargs, progress=0.0) == pytest.approx(1.0)
+    assert lr_at(500, **kwargs, progress=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(500, **kwargs, progress=1.5) == pytest.approx(0.1)
+    assert lr_at(500, **kwargs) == 1.0  # neither a total nor a budget: stay at peak

@@ -1,3 +1,3 @@
-from lmforge.model.gpt import GPT, KVCache, count_parameters
+from lmforge.model.gpt import GPT, KVCache
 
-__all__ = ["GPT", "KVCache", "count_parameters"]
+__all__ = ["GPT", "KVCache"]

@@ -205,7 +205,3 @@ class GPT(nn.Module):
         forward = 2 * matmul_params + attention
         return 3 * forward if training else forward
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-

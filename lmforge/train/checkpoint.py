@@ -7,20 +7,19 @@ train state carry the step they belong to, and resuming refuses a pair whose ste
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
-from lmforge.io import atomic_path, atomic_write_json, commit, remove_stale_temps, temp_path_for
+from lmforge.io import atomic_path, atomic_write_json, commit, temp_path_for
 
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
@@ -69,8 +68,6 @@ def save_checkpoint(out: Path, model: nn.Module, config: ModelConfig, *, tokeniz
 
 
 def weights_step(path: Path) -> int | None:
-    from safetensors import safe_open
-
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         step = (f.metadata() or {}).get("step")
     return int(step) if step is not None else None
@@ -134,16 +131,3 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         hint = " (it holds a checkpoint: pass --resume to continue it)" if (out / "config.json").exists() else ""
         raise CheckpointError(f"{out}: output directory is not empty{hint}; choose another --out")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-
-
-def clean_partial_writes(ckpt: Path) -> None:
-    remove_stale_temps(ckpt)

@@ -51,13 +51,14 @@ def all_reduce_mean(value: torch.Tensor, ctx: Dist) -> torch.Tensor:
     return value
 
 
-def broadcast_flag(flag: bool, ctx: Dist) -> bool:
-    """Rank 0 decides (e.g. the time limit); every rank must stop at the same step or DDP deadlocks."""
+def from_rank0(values: list[float], ctx: Dist) -> list[float]:
+    """Rank 0's values on every rank: a decision from its clock (stop now, the time-based learning rate)
+    must be identical everywhere, or the ranks' parameters drift apart and DDP deadlocks."""
     if not ctx.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=ctx.device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.broadcast(t, src=0)
-    return bool(t.item())
+    return t.tolist()
 
 
 def barrier(ctx: Dist) -> None:

@@ -29,7 +29,7 @@ from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
 from lmforge.progress import Progress
 from lmforge.train.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
-from lmforge.train.distributed import Dist, all_reduce_mean, broadcast_flag
+from lmforge.train.distributed import Dist, all_reduce_mean, from_rank0
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.precision import autocast, default_precision, measure_peak_flops
 
@@ -55,7 +55,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    lr_decay_steps: int | None = None  # None = max_steps
+    lr_decay_steps: int | None = None  # None = max_steps, or the time budget of a max_minutes run
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
     weight_decay: float = 0.1
@@ -175,14 +175,17 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
     model.train()
     with _stop_on_sigint() as interrupted:
         while True:
-            stop = "interrupted" if interrupted() else _stop_reason(cfg, step, tokens, time.perf_counter() - start)
-            if broadcast_flag(stop is not None, ctx):
+            seconds = time.perf_counter() - start
+            stop = "interrupted" if interrupted() else _stop_reason(cfg, step, tokens, seconds)
+            time_progress = seconds / (60 * cfg.max_minutes) if cfg.max_minutes and not decay_steps else -1.0
+            must_stop, time_progress = from_rank0([float(stop is not None), time_progress], ctx)
+            if must_stop:
                 stopped_by = stop or "rank 0"
                 if step > logged_step:  # the curve always ends at the last step taken
                     log_step(loss_sum, lr, grad_norm)
                 break
             lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup_steps, total=decay_steps, schedule=cfg.schedule,
-                       min_ratio=cfg.min_lr_ratio)
+                       min_ratio=cfg.min_lr_ratio, progress=time_progress if time_progress >= 0 else None)
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):

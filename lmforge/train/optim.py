@@ -39,16 +39,19 @@ def build_optimizer(model: nn.Module, name: OptimizerName = "adamw", lr: float =
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int | None, schedule: ScheduleName = "cosine",
-          min_ratio: float = 0.1) -> float:
+          min_ratio: float = 0.1, progress: float | None = None) -> float:
     """Linear warmup to `peak`, then decay to `min_ratio·peak` at `total` steps (constant past it).
 
-    Without a known total (a run bounded only by time) the schedule stays at peak after warmup.
+    A run bounded by time rather than steps passes `progress`, the fraction of its time budget used,
+    and decays over that instead; with neither, the rate stays at peak after warmup.
     """
     if warmup and step < warmup:
         return peak * (step + 1) / warmup
-    if schedule == "constant" or not total or total <= warmup:
+    if progress is None and total and total > warmup:
+        progress = (step - warmup) / (total - warmup)
+    if schedule == "constant" or progress is None:
         return peak
-    progress = min(1.0, (step - warmup) / (total - warmup))
+    progress = min(1.0, progress)
     if schedule == "linear":
         return peak * (1.0 - (1.0 - min_ratio) * progress)
     if schedule == "cosine":  # Loshchilov & Hutter 2017, without restarts

@@ -12,9 +12,10 @@ import torch
 from lmforge.config import ModelConfig, resolve_model_config
 from lmforge.data.pack import PackedDataset, WindowLoader
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.io import remove_stale_temps
 from lmforge.model.gpt import GPT
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import check_out_dir, clean_partial_writes, load_train_state, load_weights
+from lmforge.train.checkpoint import check_out_dir, load_train_state, load_weights
 from lmforge.train.distributed import init_distributed, shutdown
 from lmforge.train.loop import TrainConfig, train
 
@@ -69,7 +70,8 @@ def pretrain(
         lr: Peak learning rate after warmup.
         min_lr_ratio: Final learning rate as a fraction of the peak.
         warmup_steps: Steps of linear warmup.
-        lr_decay_steps: Steps over which the schedule decays (default: max_steps).
+        lr_decay_steps: Steps over which the schedule decays (default: max_steps; a run bounded only by
+            max_minutes decays over its time budget, again over the new budget when resumed).
         schedule: Learning-rate decay after warmup.
         optimizer: Optimizer; weight decay applies to matrices only.
         weight_decay: Decoupled weight decay (AdamW) or L2 penalty (others).
@@ -124,7 +126,7 @@ def pretrain(
         tokenizer = Tokenizer.load(data / "tokenizer")
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            clean_partial_writes(out)
+            remove_stale_temps(out)
             print(f"model: {model_config.family}-style, {net.num_params() / 1e6:.2f}M parameters, "
                   f"context {model_config.max_position_embeddings}; data: {loader.dataset.num_tokens:,} "
                   f"train tokens; precision {cfg.precision}; {ctx.world_size} process(es) on {ctx.device}",
