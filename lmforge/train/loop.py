@@ -141,10 +141,10 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
     metrics = open(out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115 (closed below)
 
     def save() -> None:
-        state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-                 "tokens": tokens, "elapsed": elapsed_before + time.perf_counter() - start,
-                 "train_config": dataclasses.asdict(cfg), "run": run_info or {}}
-        if ctx.is_main:
+        if ctx.is_main:  # ranks hold identical weights and optimizer state after each DDP step
+            state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
+                     "tokens": tokens, "elapsed": elapsed_before + time.perf_counter() - start,
+                     "train_config": dataclasses.asdict(cfg), "run": run_info or {}}
             save_checkpoint(out, model, model_config, tokenizer_dir=tokenizer_dir,
                             generation_config=generation_config, train_state=state, step=step)
 
