@@ -1,13 +1,13 @@
 import math
 from types import SimpleNamespace
 
+import conftest
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 
-from lmforge.config import preset
 from lmforge.errors import ConfigError
 from lmforge.generate import (
     SamplingParams,
@@ -48,15 +48,8 @@ def tokenizer() -> Tokenizer:
 
 
 def random_gpt(name: str, vocab_size: int = 300, std: float | None = 0.3, **overrides) -> GPT:
-    """Random weights; a larger std than the init's 0.02 so greedy output varies instead of repeating."""
-    torch.manual_seed(0)
-    model = GPT(preset(name, vocab_size=vocab_size, **overrides))
-    if std is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, std)
-    return model
+    """conftest's random preset with this file's byte-level vocabulary by default."""
+    return conftest.random_gpt(name, vocab_size, std=std, **overrides)
 
 
 def greedy_without_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
