@@ -258,7 +258,11 @@ def _stop_reason(cfg: TrainConfig, step: int, tokens: int, seconds: float) -> st
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Batches, batches: int, loss_fn: Callable, precision: str,
              ctx: Dist) -> float:
-    """Mean loss over the first `batches` batches of `loader`, the same windows every time."""
+    """Mean loss over the first `batches` batches of `loader`, the same windows every time.
+
+    Never more than one epoch: a small val split is not scored twice over.
+    """
+    batches = min(batches, getattr(loader, "batches_per_epoch", batches))
     start_state = loader.state_dict()
     was_training = model.training
     model.eval()
