@@ -89,7 +89,7 @@ def test_ddp_two_processes_match_single_process(packed, tmp_path):
                       f"max_steps=4, **{settings!r})\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", str(script)], capture_output=True, text=True, env=env)
+                           "--standalone", str(script)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single_losses, ddp_losses = losses(single), losses(tmp_path / "ddp")
     assert single_losses.keys() == ddp_losses.keys()
