@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ModelConfig
+from lmforge.config import PRESETS, ModelConfig, preset
 from lmforge.errors import CheckpointError
 from lmforge.generate import SamplingParams
 from lmforge.generate import stream as stream_text
@@ -143,3 +143,15 @@ def generate(
     return lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, stop=stop, seed=seed)
 
+
+def models() -> str:
+    """List the built-in model presets with their sizes."""
+    rows = ["preset                family  layers  width  heads  kv  context  params"]
+    for name in PRESETS:
+        c = preset(name)
+        with torch.device("meta"):
+            n = GPT(c).num_params()
+        rows.append(f"{name:<21} {c.family:<7} {c.num_hidden_layers:>6} {c.hidden_size:>6} "
+                    f"{c.num_attention_heads:>6} {c.num_key_value_heads:>3} {c.max_position_embeddings:>8} "
+                    f"{n / 1e6:>6.1f}M")
+    return "\n".join(rows)
