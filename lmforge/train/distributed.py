@@ -61,11 +61,9 @@ def from_rank0(values: list[float], ctx: Dist) -> list[float]:
     return t.tolist()
 
 
-def barrier(ctx: Dist) -> None:
-    if ctx.enabled:
-        dist.barrier()
-
-
-def shutdown(ctx: Dist) -> None:
+def shutdown(ctx: Dist, *, wait_for_all: bool = True) -> None:
+    """Leave the process group together: a rank that tears down gloo while rank 0 still saves aborts."""
     if ctx.enabled and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()

@@ -93,6 +93,7 @@ def pretrain(
         The checkpoint directory.
     """
     ctx = init_distributed(device)
+    finished = False
     try:
         if resume is not None:
             out, cfg, model_config, data, block_size = _resume_settings(
@@ -141,9 +142,10 @@ def pretrain(
         if ctx.is_main:
             val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
             print(f"stopped by {result.stopped_by} at step {result.step}{val}; checkpoint: {out}", file=sys.stderr)
+        finished = True
         return out
     finally:
-        shutdown(ctx)
+        shutdown(ctx, wait_for_all=finished)  # after a failure the other ranks may never arrive
 
 
 def _model_config(model: str, data: Path, init: str | None, dropout: float | None) -> ModelConfig:
