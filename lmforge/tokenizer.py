@@ -103,7 +103,7 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=sys.stderr.isatty(),  # its bar prints blank lines into logs
     )
 
     def documents() -> Iterator[str]:
