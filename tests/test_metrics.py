@@ -13,7 +13,8 @@ from sklearn import metrics as sk
 from lmforge.errors import DataError
 from lmforge.eval import metrics
 
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "across", "green", "fields", "under", "bright", "summer", "skies"]
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "across", "green", "fields", "under",
+         "bright", "summer", "skies"]
 
 
 def random_labels(seed: int, n: int = 200, classes: str = "abcde") -> tuple[list[str], list[str]]:
