@@ -44,6 +44,8 @@ class ModelConfig:
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "swiglu"  # gelu_tanh = GPT-2's "gelu_new" approximation
     position: Literal["learned", "rope"] = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...} (Llama 3.1)
+    sliding_window: int | None = None  # attend to the last this-many positions only (Mistral)
     bias: bool = False  # bias on every Linear and norm (GPT-2)
     qkv_bias: bool = False  # bias on the q/k/v projection only (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
@@ -51,7 +53,7 @@ class ModelConfig:
     init: Literal["normal", "xavier", "he"] = "normal"
     initializer_range: float = 0.02
     dropout: float = 0.0
-    family: str = "llama"  # informational: which published architecture this shape follows
+    family: str = "llama"  # the published architecture this shape follows; `convert to-hf` exports as it
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -78,6 +80,11 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (
+                "linear", "llama3"):
+            raise ConfigError(f"rope_scaling={self.rope_scaling} is not supported; rope_type 'linear' or 'llama3'")
+        if self.head_dim % 2 and self.position == "rope":
+            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")

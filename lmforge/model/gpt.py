@@ -6,6 +6,9 @@ attention + MLP with residual connections, a final norm, and a linear head to vo
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,20 +27,68 @@ def norm_layer(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class Rope(nn.Module):
-    """Rotary position embedding (Su et al. 2021), in the half-split layout Hugging Face checkpoints use."""
+    """Rotary position embedding (Su et al. 2021), in the half-split layout Hugging Face checkpoints use.
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+    cos/sin are computed per forward from the positions (once, shared by every layer), so there is no
+    table sized by the context length and any position layout (offsets, left padding, packed resets) works.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        d = config.head_dim
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        self.register_buffer("inv_freq", scale_rope(inv_freq, config.rope_scaling), persistent=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions[..., None].float() * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def scale_rope(inv_freq: Tensor, scaling: dict[str, Any] | None) -> Tensor:
+    """Stretch RoPE to a longer context: "linear" (Chen et al. 2023) or "llama3" (Llama 3.1's
+    wavelength-dependent scaling: long wavelengths divided by `factor`, short ones kept, a smooth ramp between)."""
+    if not scaling:
+        return inv_freq
+    kind, factor = scaling.get("rope_type", scaling.get("type")), float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    ramp = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, ramp, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    if cos.dim() == 3:  # per-sequence positions [B, T, D] against x [B, H, T, D]
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def build_mask(T: int, start: int, padding: Tensor | None, window: int | None,
+                   device: torch.device) -> Tensor | None:
+    """Which keys each query may see, [B|1, 1, T, start+T] (True = attend); None when plain causal will do.
+
+    Causal, limited to the last `window` positions when sliding (Mistral), minus padded keys. Every
+    query may always see itself, so a padding row never has an empty softmax (which would be NaN).
+    """
+    if padding is None and window is None and (start == 0 or T == 1):
+        return None
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(start + T, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    mask = allowed[None, None]
+    if padding is not None:
+        mask = mask & padding[:, None, None, :].bool()
+    return mask | (k == q)
 
 
 class KVCache:
@@ -59,6 +110,10 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called once per forward after every layer has stored its `n` new positions."""
+        self.length += n
 
 
 class Attention(nn.Module):
@@ -84,14 +139,14 @@ class Attention(nn.Module):
                 k.view(B, T, -1, self.head_dim).transpose(1, 2),
                 v.view(B, T, -1, self.head_dim).transpose(1, 2))
 
-    def forward(self, x: Tensor, rope: Rope | None, positions: Tensor,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                 cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.split_heads(self.qkv(x))
         if self.q_norm is not None:  # Qwen3: normalise per head before rotating
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = rope(q, positions), rope(k, positions)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if self.n_kv_head != self.n_head and not _SDPA_HAS_GQA:
@@ -134,9 +189,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: Rope | None, positions: Tensor,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                 cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, positions, cache, mask))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -147,8 +202,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.pos_embed = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
                           if config.position == "learned" else None)
-        self.rope = (Rope(config.head_dim, config.max_position_embeddings, config.rope_theta)
-                     if config.position == "rope" else None)
+        self.rope = Rope(config) if config.position == "rope" else None
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = norm_layer(config, config.hidden_size)
@@ -157,26 +211,45 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:  # Press & Wolf 2017: one matrix reads and writes tokens
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits [B, T, vocab] for token ids [B, T]; with a cache, positions continue after what it holds."""
+    def forward(self, idx: Tensor, cache: KVCache | None = None, *, positions: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]; see `hidden` for the optional arguments."""
+        return self.lm_head(self.hidden(idx, cache, positions=positions, attention_mask=attention_mask))
+
+    def hidden(self, idx: Tensor, cache: KVCache | None = None, *, positions: Tensor | None = None,
+               attention_mask: Tensor | None = None) -> Tensor:
+        """The final normed hidden states [B, T, hidden] (what heads read).
+
+        With a cache, positions continue after what it holds. `attention_mask` is either HF's padding
+        mask [B, cached + T] (1 = real token; positions then count real tokens only, so a left-padded
+        row equals the unpadded sequence) or a full boolean mask [B, 1, T, cached + T] (True = attend)
+        used as given, e.g. block-diagonal for packed examples. `positions` [T] or [B, T] overrides.
+        """
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
         if start + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of "
                              f"{self.config.max_position_embeddings}")
-        positions = torch.arange(start, start + T, device=idx.device)
+        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if positions is None:
+            if padding is not None:
+                positions = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                positions = torch.arange(start, start + T, device=idx.device)
         x = self.embed(idx)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.dropout(x)
-        mask = None
-        if cache is not None and start > 0 and T > 1:  # a chunk after a cached prefix: causal, offset by start
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+        else:
+            mask = build_mask(T, start, padding, self.config.sliding_window, idx.device)
+        rope = self.rope(positions) if self.rope is not None else None
         for block in self.blocks:
-            x = block(x, self.rope, positions, cache, mask)
+            x = block(x, rope, cache, mask)
         if cache is not None:
-            cache.length += T
-        return self.lm_head(self.norm(x))
+            cache.advance(T)
+        return self.norm(x)
 
     def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         weight = self.embed.weight
