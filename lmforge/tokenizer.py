@@ -7,6 +7,7 @@ tokenizer_config.json), so a tokenizer trained here loads in transformers and an
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -148,6 +149,9 @@ class Tokenizer:
 
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None):
         self.hf = tokenizer
+        # A tokenizer.json may carry fixed padding/truncation (MiniLM's pads to 128); lengths are ours to manage.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.config: dict[str, Any] = dict(config or {})
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         # Ids need not be contiguous in foreign tokenizers; size embeddings by the largest id.
@@ -160,6 +164,8 @@ class Tokenizer:
         configured = self.config.get("add_bos_token")
         self._bos_by_default = self._post_processor_adds_bos() if configured is None else bool(configured)
         self.add_bos = self._bos_by_default
+        # Generation ends at any of these; `lmforge.load` adds generation_config.json's eos_token_id list.
+        self.stop_ids: set[int] = {self.eos_id} if self.eos_id is not None else set()
         template = self.config.get("chat_template")
         if isinstance(template, list):  # transformers' multi-template form: [{"name", "template"}]
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -181,28 +187,51 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load tokenizer.json (and tokenizer_config.json if present) from a directory."""
+        """Load a tokenizer directory: ours, or an HF model's as transformers saves it.
+
+        tokenizer.json is the tokenizer; without one, BERT's vocab.txt (WordPiece) or GPT-2's
+        vocab.json + merges.txt (byte-level BPE) are read. Settings come from tokenizer_config.json,
+        with special_tokens_map.json filling gaps and chat_template.jinja (transformers ≥ 4.43) the template.
+        """
         path = Path(path)
         directory = path.parent if path.is_file() and path.name == "tokenizer.json" else path
+        config = _read_json_object(directory / "tokenizer_config.json")
+        for key, value in _read_json_object(directory / "special_tokens_map.json").items():
+            config.setdefault(key, value)
+        template_file = directory / "chat_template.jinja"
+        if "chat_template" not in config and template_file.is_file():
+            config["chat_template"] = template_file.read_text(encoding="utf-8")
         file = directory / "tokenizer.json"
-        if not file.is_file():
-            raise CheckpointError(
-                f"{directory}: no tokenizer.json here; train one with `lmforge tokenizer train`"
-            )
-        try:
-            tok = HFTokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises plain Exception on a malformed file
-            raise CheckpointError(f"{file}: not a valid HF tokenizers file ({e})") from None
-        config: dict[str, Any] = {}
-        config_file = directory / "tokenizer_config.json"
-        if config_file.is_file():
+        if file.is_file():
             try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{config_file}: malformed JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{config_file}: expected a JSON object")
+                tok = HFTokenizer.from_file(str(file))
+            except Exception as e:  # tokenizers raises plain Exception on a malformed file
+                raise CheckpointError(f"{file}: not a valid HF tokenizers file ({e})") from None
+        elif (directory / "vocab.txt").is_file():
+            tok = _wordpiece(directory / "vocab.txt", config)
+        elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            return cls.from_bpe_files(directory / "vocab.json", directory / "merges.txt", config)
+        else:
+            raise CheckpointError(
+                f"{directory}: no tokenizer.json (nor vocab.txt, nor vocab.json + merges.txt) here; "
+                "train one with `lmforge tokenizer train`"
+            )
         return cls(tok, config)
+
+    @classmethod
+    def from_bpe_files(cls, vocab: str | Path, merges: str | Path, config: dict[str, Any] | None = None) -> Tokenizer:
+        """GPT-2's byte-level BPE from its vocabulary JSON and merges list (encoder.json + vocab.bpe, or
+        vocab.json + merges.txt): no prefix space, <|endoftext|> as bos, eos and unk."""
+        from tokenizers.processors import ByteLevel as ByteLevelProcessor
+
+        tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = ByteLevelProcessor(trim_offsets=False)
+        tok.add_special_tokens([EOS])
+        settings = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOS, "eos_token": EOS, "unk_token": EOS,
+                    "add_bos_token": False, "model_max_length": 1024, **(config or {})}
+        return cls(tok, settings)
 
     def save(self, directory: str | Path) -> Path:
         """Write tokenizer.json and tokenizer_config.json into `directory` (each atomically)."""
@@ -248,22 +277,78 @@ class Tokenizer:
         token_id = {"eos_token": self.eos_id, "bos_token": self.bos_id, "pad_token": self.pad_id}.get(key)
         return None if token_id is None else self.hf.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the Jinja chat template, sandboxed like transformers does."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        """Render `messages` with the Jinja chat template in the sandbox transformers uses.
+
+        The template sees what transformers gives it (the special tokens by name, `raise_exception`,
+        `strftime_now`, a `tojson` that keeps non-ASCII), so HF templates render the same text.
+        """
         if self.chat_template is None:
             raise ConfigError(
                 "this tokenizer has no chat_template in tokenizer_config.json; it cannot format chats"
             )
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        specials = {key: self.token_str(key) for key in
+                    ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")}
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            **{k: v for k, v in specials.items() if v is not None}, **extra)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.token_str("bos_token") or "",
-            eos_token=self.token_str("eos_token") or "",
-        )
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(template: str) -> Any:
+    from datetime import datetime
+
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}…{% endgeneration %}` marks assistant text for masks; rendering keeps the body."""
+
+        tags = frozenset({"generation"})
+
+        def parse(self, parser: Any) -> nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _wordpiece(vocab: Path, config: dict[str, Any]) -> HFTokenizer:
+    """BERT's WordPiece (Wu et al. 2016) from vocab.txt, with its normaliser and [CLS] … [SEP] template."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    lowercase = bool(config.get("do_lower_case", True))
+    strip_accents = config.get("strip_accents")
+    return BertWordPieceTokenizer(str(vocab), lowercase=lowercase,
+                                  strip_accents=lowercase if strip_accents is None else strip_accents,
+                                  handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)))._tokenizer
 
 
 def _raise_template_error(message: str) -> None:
