@@ -160,6 +160,13 @@ def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig:
     if str(model) in PRESETS:
         return preset(str(model), **overrides)
     if path.is_dir():
+        from lmforge.model.hf import config_from_hf, is_hf_checkpoint, read_hf_config
+
+        if is_hf_checkpoint(path):  # continue from a Hugging Face download
+            config = config_from_hf(read_hf_config(path), str(path / "config.json"))
+            if not isinstance(config, ModelConfig):
+                raise ConfigError(f"{model}: an encoder (BERT) cannot be trained as a language model here")
+            return config.replace(**overrides)
         path = path / "config.json"
     if path.is_file():
         return ModelConfig.load(path).replace(**overrides)

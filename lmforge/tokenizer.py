@@ -294,6 +294,11 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
             **{k: v for k, v in specials.items() if v is not None}, **extra)
 
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's token ids as transformers gives them: the rendered text, no BOS added
+        (templates that want one write `bos_token` themselves)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
 
 @functools.lru_cache(maxsize=16)
 def _compile_template(template: str) -> Any:

@@ -282,3 +282,12 @@ def test_our_own_trained_shapes_export_to_their_hf_family(make_checkpoint, tmp_p
         with torch.no_grad():
             ours = lmforge.load(ckpt).model(ids)
         assert (hf_logits(back, ids) - ours).abs().max() <= TOL
+
+
+def test_pretraining_continues_from_an_hf_folder(tmp_path, tiny_tokenizer_dir, tiny_packed) -> None:
+    directory = build_hf("llama2-tied", tmp_path / "base", tiny_tokenizer_dir)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(10))
+    out = lmforge.pretrain(data=tiny_packed, model=directory, out=tmp_path / "cont", max_steps=2, batch_size=2,
+                           block_size=32, lr=1e-6, warmup_steps=0, precision="32")
+    with torch.no_grad():  # two tiny steps from the imported weights, not from a fresh init
+        assert (lmforge.load(out).model(ids) - hf_logits(directory, ids)).abs().max() < 0.05

@@ -300,10 +300,17 @@ def import_tensors(config: AnyConfig, source: TensorSource, plan: list[Rule], dt
             continue
         if expected_shapes is not None:
             _check_shapes(rule, source, expected_shapes[rule.ours])
-        parts = [source.read(n) for n in rule.theirs]
-        if rule.transpose:
-            parts = [t.t() for t in parts]
-        tensor = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+        if rule.transpose:  # GPT-2's Conv1D: one tensor, stored [in, out]
+            yield rule.ours, _cast(source.read(rule.theirs[0]).t().contiguous(), dtype)
+            continue
+        # Read each part straight into its rows of the fused tensor: no temporaries to fragment the heap.
+        shape = (sum(source.shape(n)[0] for n in rule.theirs), *source.shape(rule.theirs[0])[1:])
+        tensor = torch.empty(shape, dtype=source.dtype(rule.theirs[0]))
+        row = 0
+        for name in rule.theirs:
+            rows = source.shape(name)[0]
+            source.read(name, tensor[row:row + rows])
+            row += rows
         yield rule.ours, _cast(tensor, dtype)
 
 

@@ -53,10 +53,15 @@ class TensorFile:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[self.entries[name]["dtype"]]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `name`, read into `out` (a contiguous tensor of its shape and dtype) when given."""
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
-        out = torch.empty(self.shape(name), dtype=self.dtype(name))
+        if out is None:
+            out = torch.empty(self.shape(name), dtype=self.dtype(name))
+        elif tuple(out.shape) != self.shape(name) or out.dtype != self.dtype(name) or not out.is_contiguous():
+            raise ValueError(f"{name}: cannot read {self.shape(name)} {self.dtype(name)} into {tuple(out.shape)} "
+                             f"{out.dtype}")
         if end > begin:
             buffer = out.view(-1).view(torch.uint8).numpy()
             with open(self.path, "rb") as f:
@@ -110,8 +115,8 @@ class TensorSource:
     def dtype(self, name: str) -> torch.dtype:
         return self.file(name).dtype(name)
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.file(name).read(name)
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.file(name).read(name, out)
 
 
 def write_tensors(path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],

@@ -14,6 +14,7 @@ from lmforge.data.pack import PackedDataset, WindowLoader
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.io import remove_stale_temps
 from lmforge.model.gpt import GPT
+from lmforge.model.hf import is_hf_checkpoint, load_hf_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import check_out_dir, load_train_state, load_weights
 from lmforge.train.distributed import init_distributed, shutdown
@@ -117,9 +118,11 @@ def pretrain(
                               f"(max_position_embeddings={model_config.max_position_embeddings})")
         torch.manual_seed(cfg.seed)
         net = GPT(model_config)
+        if resume is None and model is not None and is_hf_checkpoint(Path(model)):
+            net.load_state_dict(load_hf_model(Path(model))[0].state_dict())
         if resume is not None:
             load_weights(net, out)
-        elif model is not None and Path(model).is_dir():
+        elif model is not None and Path(model).is_dir() and not is_hf_checkpoint(Path(model)):
             load_weights(net, Path(model))
         loader = WindowLoader(PackedDataset(data, "train"), block_size, cfg.batch_size, rank=ctx.rank,
                               world_size=ctx.world_size, seed=cfg.seed)
