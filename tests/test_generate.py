@@ -62,22 +62,25 @@ def greedy_without_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
 
 
 class ScriptedModel(nn.Module):
-    """Stands in for GPT: whatever the input, the next token is the next one of `script`, then eos."""
+    """Stands in for GPT: whatever the input, the next token is the next one of `script`, then eos.
+
+    It speaks the engine's protocol (explicit positions, a cache it never reads): the prefill is the
+    forward whose positions start at 0, and later steps count positions from there.
+    """
 
     def __init__(self, script: list[int], vocab_size: int, eos_id: int, context: int = 256) -> None:
         super().__init__()
         self.script, self.vocab_size, self.eos_id = script, vocab_size, eos_id
-        self.config = SimpleNamespace(max_position_embeddings=context)
-        self.anchor = nn.Parameter(torch.zeros(()))  # generate_tokens reads the device from a parameter
+        self.config = SimpleNamespace(max_position_embeddings=context, num_hidden_layers=1, num_key_value_heads=1,
+                                      head_dim=2, vocab_size=vocab_size)
+        self.anchor = nn.Parameter(torch.zeros(()))  # the engine reads the device and dtype from a parameter
+        self.prompt_length = 0
 
-    def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None):
-        return SimpleNamespace(length=0, prompt_length=0)
-
-    def forward(self, idx: Tensor, cache=None) -> Tensor:
-        if cache.length == 0:
-            cache.prompt_length = idx.shape[1]
-        step = cache.length + idx.shape[1] - cache.prompt_length
-        cache.length += idx.shape[1]
+    def forward(self, idx: Tensor, cache=None, *, positions: Tensor, attention_mask=None) -> Tensor:
+        last = int(positions.reshape(-1)[-1])
+        if int(positions.reshape(-1)[0]) == 0:
+            self.prompt_length = idx.shape[1]
+        step = last + 1 - self.prompt_length
         target = self.script[step] if step < len(self.script) else self.eos_id
         logits = torch.full((idx.shape[0], idx.shape[1], self.vocab_size), float("-inf"))
         logits[:, -1, target] = 0.0

@@ -1,0 +1,253 @@
+"""An OpenAI-compatible HTTP server over the inference engine (FastAPI + uvicorn), with a chat page at `/`.
+
+/v1/models, /v1/completions (with echo and logprobs, so lm-evaluation-harness's `local-completions` can
+score loglikelihoods), /v1/chat/completions, both streaming as server-sent events with `"stream": true`;
+/health; /metrics for Prometheus. Bad input gets a 4xx with OpenAI's error body and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import Depends, FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.api import LM
+from lmforge.infer.engine import Output, Request
+from lmforge.infer.protocol import ChatRequest, CompletionRequest, error_body
+from lmforge.infer.service import APIError, Service, new_id, sse
+
+log = logging.getLogger("lmforge.serve")
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max_batch: int = 16,
+               max_queue: int = 256, shutdown_grace: float = 10.0) -> FastAPI:
+    """The app serving `lm` as model `name`; its lifespan starts and (gracefully) stops the engine thread."""
+    svc = Service(lm, name, max_batch, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.runner.start()
+        yield
+        await asyncio.to_thread(svc.runner.shutdown, shutdown_grace)
+
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.service = svc
+
+    async def authorize(request: HTTPRequest) -> None:
+        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(error_body(f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def count_requests(request: HTTPRequest, call_next: Any) -> Response:
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            svc.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok" if svc.runner.accepting else "shutting_down", "model": name,
+                "running": len(svc.engine.running), "waiting": len(svc.engine.waiting)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": svc.created,
+                                            "owned_by": "lmforge", "max_model_len": svc.context}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest) -> Any:
+        svc.check_model(body)
+        prompts = svc.prompts(body)
+        score = body.logprobs if body.echo and body.logprobs is not None else None
+        requests, origin = [], {}
+        for ids in prompts:
+            max_new = svc.budget(body, len(ids), default=16)
+            for j in range(body.n):
+                r = Request(ids, body.sampling(max_new, j, logprobs=body.logprobs), prompt_logprobs=score)
+                origin[r.id] = (len(requests), ids)
+                requests.append(r)
+        queue = svc.submit(requests)
+        rid, created = new_id("cmpl"), int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": name}
+        if body.stream:
+            return StreamingResponse(stream_completions(svc, body, head, requests, queue, origin),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        grouped = await svc.collect(requests, queue)
+        choices, completion_tokens = [], 0
+        for r in requests:
+            outs = grouped[r.id]
+            tokens = [t for o in outs for t in o.token_ids]
+            completion_tokens += len(tokens)
+            text = "".join(o.text for o in outs)
+            prefix = svc.tokenizer.decode(r.prompt_ids) if body.echo else ""
+            logprobs = None
+            if body.logprobs is not None:
+                entries = [e for o in outs for e in o.logprobs or []]
+                if len(entries) < len(tokens):  # beam search or a stop: no per-token logprobs
+                    entries += [None] * (len(tokens) - len(entries))
+                logprobs = svc.completion_logprobs(tokens, entries, len(prefix))
+                if body.echo:
+                    prompt_entries = next((o.prompt_logprobs for o in outs if o.prompt_logprobs), None)
+                    echoed = svc.completion_logprobs(r.prompt_ids, prompt_entries or [None] * len(r.prompt_ids))
+                    logprobs = {k: echoed[k] + logprobs[k] for k in logprobs}
+            choices.append({"index": origin[r.id][0], "text": prefix + text, "logprobs": logprobs,
+                            "finish_reason": svc.finish_reason(outs[-1])})
+        prompt_tokens = sum(len(ids) for ids in prompts) * body.n
+        return {**head, "choices": choices, "usage": svc.usage(prompt_tokens, completion_tokens)}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest) -> Any:
+        svc.check_model(body)
+        ids, turn_end = svc.chat_ids(body)
+        max_new = svc.budget(body, len(ids), default=None)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        requests = [Request(ids, body.sampling(max_new, j, logprobs=top, stop=turn_end)) for j in range(body.n)]
+        queue = svc.submit(requests)
+        index = {r.id: j for j, r in enumerate(requests)}
+        head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": name}
+        if body.stream:
+            return StreamingResponse(stream_chat(svc, body, head, requests, queue, index),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        grouped = await svc.collect(requests, queue)
+        choices, completion_tokens = [], 0
+        for r in requests:
+            outs = grouped[r.id]
+            completion_tokens += sum(len(o.token_ids) for o in outs)
+            logprobs = svc.chat_logprobs([e for o in outs for e in o.logprobs or []]) if body.logprobs else None
+            choices.append({"index": index[r.id], "message": {"role": "assistant",
+                                                              "content": "".join(o.text for o in outs)},
+                            "logprobs": logprobs, "finish_reason": svc.finish_reason(outs[-1])})
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": svc.usage(len(ids) * body.n, completion_tokens)}
+
+    return app
+
+
+async def stream_completions(svc: Service, body: CompletionRequest, head: dict[str, Any], requests: list[Request],
+                             queue: asyncio.Queue[Output], origin: dict[str, tuple[int, list[int]]]
+                             ) -> AsyncIterator[str]:
+    """text_completion chunks as tokens arrive; the echoed prompt first; then `[DONE]`."""
+    completion_tokens = 0
+    try:
+        if body.echo:
+            for r in requests:
+                yield sse({**head, "choices": [{"index": origin[r.id][0], "text": svc.tokenizer.decode(r.prompt_ids),
+                                                "logprobs": None, "finish_reason": None}]})
+        async for out in svc.outputs(requests, queue):
+            completion_tokens += len(out.token_ids)
+            if not out.text and out.finish_reason is None:
+                continue
+            logprobs = None
+            if body.logprobs is not None and out.logprobs:
+                logprobs = svc.completion_logprobs(out.token_ids, list(out.logprobs))
+            finish = svc.finish_reason(out) if out.finish_reason is not None else None
+            yield sse({**head, "choices": [{"index": origin[out.request.id][0], "text": out.text,
+                                            "logprobs": logprobs, "finish_reason": finish}]})
+        if body.stream_options and body.stream_options.include_usage:
+            prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+            yield sse({**head, "choices": [], "usage": svc.usage(prompt_tokens, completion_tokens)})
+    except APIError as e:  # headers are sent: report in-band, as OpenAI does
+        yield sse(e.body)
+    yield sse("[DONE]")
+
+
+async def stream_chat(svc: Service, body: ChatRequest, head: dict[str, Any], requests: list[Request],
+                      queue: asyncio.Queue[Output], index: dict[str, int]) -> AsyncIterator[str]:
+    """chat.completion.chunk events: the assistant role, content deltas, the finish reason, then `[DONE]`."""
+    chunk = {**head, "object": "chat.completion.chunk"}
+    completion_tokens = 0
+    try:
+        for r in requests:
+            yield sse({**chunk, "choices": [{"index": index[r.id], "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+        async for out in svc.outputs(requests, queue):
+            completion_tokens += len(out.token_ids)
+            logprobs = svc.chat_logprobs(out.logprobs) if body.logprobs and out.logprobs else None
+            if out.text or logprobs:
+                yield sse({**chunk, "choices": [{"index": index[out.request.id], "delta": {"content": out.text},
+                                                 "logprobs": logprobs, "finish_reason": None}]})
+            if out.finish_reason is not None:
+                yield sse({**chunk, "choices": [{"index": index[out.request.id], "delta": {}, "logprobs": None,
+                                                 "finish_reason": svc.finish_reason(out)}]})
+        if body.stream_options and body.stream_options.include_usage:
+            prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+            yield sse({**chunk, "choices": [], "usage": svc.usage(prompt_tokens, completion_tokens)})
+    except APIError as e:
+        yield sse(e.body)
+    yield sse("[DONE]")
+
+
+def serve(
+    model: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 256,
+    name: str | None = None,
+    device: str | None = None,
+    dtype: Literal["float32", "bfloat16"] | None = None,
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/.
+
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both with "stream": true), /health,
+    /metrics (Prometheus). Ctrl-C lets in-flight requests finish (up to 10 s), then exits.
+
+    Args:
+        model: Checkpoint directory.
+        host: Interface to listen on; 0.0.0.0 for every interface.
+        port: TCP port.
+        api_key: If set, /v1 requests must send `Authorization: Bearer API_KEY`.
+        max_batch: Most requests decoded together.
+        max_queue: Most requests waiting for a batch row; beyond it the server answers 429 with Retry-After.
+        name: The model id clients send; the checkpoint directory's name by default.
+        device: "cpu", "cuda", ...; default CUDA when present.
+        dtype: Cast the weights: "bfloat16" halves their memory (and the bytes each decoded token reads).
+    """
+    import uvicorn
+
+    from lmforge.api import load
+
+    lm = load(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    served = name or Path(model).resolve().name
+    app = create_app(lm, name=served, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    print(f"serving {model} as model {served!r} on http://{host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
