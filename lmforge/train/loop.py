@@ -38,7 +38,7 @@ Precision = Literal["bf16-mixed", "32"]
 
 
 class Batches(Protocol):
-    def next_batch(self) -> tuple[Tensor, Tensor]: ...
+    def next_batch(self) -> tuple[Tensor | dict[str, Tensor], Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -85,6 +85,14 @@ class TrainConfig:
             raise ConfigError(f"precision={self.precision!r} is not one of 'bf16-mixed', '32'")
 
 
+def to_device(x: Tensor | dict[str, Tensor], device: torch.device) -> Tensor | dict[str, Tensor]:
+    """A batch's inputs are token ids, or a dict of tensors (ids plus positions, masks, segment ids) for
+    fine-tuning methods whose `loss_fn` needs more than the ids."""
+    if isinstance(x, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
 def lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Mean next-token cross-entropy over targets that are not IGNORE_INDEX."""
     logits = model(x)
@@ -105,20 +113,29 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
           ctx: Dist | None = None, val_loader: Batches | None = None,
           loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss, tokenizer_dir: Path | None = None,
           generation_config: dict[str, Any] | None = None, resume: bool = False,
-          run_info: dict[str, Any] | None = None, progress: bool = True) -> TrainResult:
+          run_info: dict[str, Any] | None = None, progress: bool = True,
+          save_fn: Callable[[dict[str, Any], int], None] | None = None,
+          load_state_fn: Callable[[Path], dict[str, Any]] | None = None) -> TrainResult:
     """Optimise `model` on `loader` until a step, token or time limit, checkpointing into `out`.
 
     With `resume`, optimizer, data position, RNG and counters come from `out/train_state.pt`, so the
-    continued run takes exactly the steps the uninterrupted one would have.
+    continued run takes exactly the steps the uninterrupted one would have. Methods that save other
+    files than a whole model (LoRA saves its adapters alone) pass `save_fn(train_state, step)` and the
+    matching `load_state_fn(out)`; by default the whole model goes to model.safetensors.
     """
     ctx = ctx or Dist()
     out = Path(out)
     model.to(ctx.device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=(cfg.beta1, cfg.beta2))
+    seq_len = getattr(loader, "block_size", model_config.max_position_embeddings)
+    flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else None
+    # Measured before seeding: its random matrices (drawn only by the first run in a process, it is cached)
+    # must not shift the RNG stream that dropout draws from, or a run would depend on what ran before it.
+    peak = measure_peak_flops(cfg.precision, ctx.device) if flops_per_token else None
     step, tokens, elapsed_before = 0, 0, 0.0
     if resume:
-        state = load_train_state(out)
+        state = (load_state_fn or load_train_state)(out)
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -128,10 +145,7 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
     else:
         torch.manual_seed(cfg.seed + ctx.rank)
     ddp = DistributedDataParallel(model) if ctx.enabled else model
-    seq_len = getattr(loader, "block_size", model_config.max_position_embeddings)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * ctx.world_size
-    flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else None
-    peak = measure_peak_flops(cfg.precision, ctx.device) if flops_per_token else None
     total_steps = cfg.max_steps
     if total_steps is None and cfg.max_tokens is not None:
         total_steps = -(-cfg.max_tokens // tokens_per_step)
@@ -145,6 +159,9 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
             state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
                      "tokens": tokens, "elapsed": elapsed_before + time.perf_counter() - start,
                      "train_config": dataclasses.asdict(cfg), "run": run_info or {}}
+            if save_fn is not None:
+                save_fn(state, step)
+                return
             save_checkpoint(out, model, model_config, tokenizer_dir=tokenizer_dir,
                             generation_config=generation_config, train_state=state, step=step)
 
@@ -190,7 +207,7 @@ def train(model: nn.Module, model_config: ModelConfig, loader: Batches, out: Pat
             loss_sum = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum):
                 x, y = loader.next_batch()
-                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                x, y = to_device(x, ctx.device), y.to(ctx.device, non_blocking=True)
                 sync = contextlib.nullcontext() if not ctx.enabled or micro == cfg.grad_accum - 1 else ddp.no_sync()
                 with sync:
                     with autocast(cfg.precision, ctx.device):
@@ -271,7 +288,7 @@ def evaluate(model: nn.Module, loader: Batches, batches: int, loss_fn: Callable,
         for _ in range(batches):
             x, y = loader.next_batch()
             with autocast(precision, ctx.device):
-                total += loss_fn(model, x.to(ctx.device), y.to(ctx.device)).float()
+                total += loss_fn(model, to_device(x, ctx.device), y.to(ctx.device)).float()
     finally:
         loader.load_state_dict(start_state)
         model.train(was_training)
