@@ -1,0 +1,148 @@
+"""The code sandbox: hostile programs (infinite loop, fork bomb, writes outside, network, memory) are contained
+and reported as failures, the working directory is removed, and missing isolation is refused, not ignored."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import lmforge
+from lmforge.errors import ConfigError
+from lmforge.eval import sandbox
+from lmforge.eval.sandbox import NOBODY, Limits, run_python
+
+
+def _namespaces_work() -> bool:
+    try:
+        return run_python("pass", Limits(timeout=10)).passed
+    except ConfigError:
+        return False
+
+
+TASKS = Path(__file__).resolve().parent.parent / "tasks"
+
+needs_isolation = pytest.mark.skipif(not sys.platform.startswith("linux") or not _namespaces_work(),
+                                     reason="Linux namespaces unavailable here (needs root or user namespaces)")
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the process limit and uid drop apply when run as root")
+
+
+def nobody_processes() -> list[int]:
+    """PIDs of processes owned by `nobody`, which is what the sandbox runs programs as."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == NOBODY:
+                    pids.append(int(entry.name))
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+@needs_isolation
+def test_a_correct_program_passes_and_its_working_directory_is_removed(tmp_path: Path) -> None:
+    """A program that writes into its working directory and exits 0 passes; the directory is gone afterwards."""
+    code = "import os\nopen('out.txt', 'w').write('ok')\nprint(os.getcwd())\nprint(open('out.txt').read())\n"
+    result = run_python(code, Limits(timeout=10))
+    assert result.status == "passed" and result.returncode == 0
+    workdir, content = result.stdout.split()
+    assert content == "ok"
+    assert Path(workdir).name == "work" and not Path(workdir).parent.exists()
+
+
+@needs_isolation
+def test_a_failing_assertion_is_a_failure_with_its_traceback() -> None:
+    result = run_python("assert 1 + 1 == 3, 'arithmetic'\n", Limits(timeout=10))
+    assert result.status == "failed" and result.returncode == 1
+    assert "AssertionError: arithmetic" in result.stderr
+
+
+@needs_isolation
+def test_an_infinite_loop_is_killed_at_the_time_limit() -> None:
+    result = run_python("while True:\n    pass\n", Limits(timeout=1.0))
+    assert result.status == "timeout" and not result.passed
+    assert result.seconds < 15
+
+
+@needs_isolation
+@as_root
+def test_a_fork_bomb_is_bounded_by_the_process_limit_and_leaves_nothing_behind() -> None:
+    """Forking until refused stops below max_processes; a bomb that ignores refusals is killed with all its
+    children when the time is up (PID namespace), and no process of the sandbox user survives."""
+    counting = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+                "            time.sleep(60)\n            os._exit(0)\n        n += 1\n"
+                "except OSError:\n    print(n, flush=True)\n    raise\n")
+    before = set(nobody_processes())
+    result = run_python(counting, Limits(timeout=5, max_processes=16))
+    assert result.status == "failed"
+    assert 0 < int(result.stdout) < 16
+    relentless = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    result = run_python(relentless, Limits(timeout=1.5, max_processes=16))
+    assert result.status == "timeout"
+    assert set(nobody_processes()) <= before
+
+
+@needs_isolation
+def test_writes_outside_the_working_directory_fail_and_leave_no_file(tmp_path: Path) -> None:
+    """Neither a root-owned directory nor world-writable /tmp accepts a write: the program fails, no file appears."""
+    tmp_target = Path(tempfile.gettempdir()) / f"lmforge-escape-{os.getpid()}"
+    for target in (tmp_path / "escaped.txt", tmp_target, Path.cwd() / "escaped.txt"):
+        result = run_python(f"open({str(target)!r}, 'w').write('escaped')\n", Limits(timeout=10))
+        assert result.status == "failed", target
+        assert "Read-only file system" in result.stderr or "Permission denied" in result.stderr
+        assert not target.exists()
+
+
+@needs_isolation
+def test_there_is_no_network() -> None:
+    """Only a loopback interface exists, and connecting anywhere fails."""
+    code = ("import socket\nprint(socket.if_nameindex())\n"
+            "socket.create_connection(('93.184.216.34', 80), timeout=3)\n")
+    result = run_python(code, Limits(timeout=10))
+    assert result.status == "failed"
+    assert result.stdout.strip() == "[(1, 'lo')]"
+    assert "unreachable" in result.stderr.lower()
+
+
+@needs_isolation
+def test_allocating_past_the_memory_limit_fails() -> None:
+    result = run_python("x = bytearray(1 << 30)\n", Limits(timeout=10, memory_mb=256))
+    assert result.status == "failed" and "MemoryError" in result.stderr
+
+
+@needs_isolation
+def test_the_environment_carries_nothing_of_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMFORGE_SECRET_FOR_TEST", "hunter2")
+    result = run_python("import os\nprint(sorted(os.environ))\n", Limits(timeout=10))
+    assert result.passed and "LMFORGE_SECRET_FOR_TEST" not in result.stdout
+
+
+def test_unavailable_isolation_is_refused_naming_the_opt_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the launcher cannot create namespaces, run_python raises instead of running the code unisolated."""
+    failing = tmp_path / "jail.py"
+    failing.write_text("import json, os, sys\ncfg = json.loads(sys.argv[1])\n"
+                       "os.write(cfg['status_fd'], (json.dumps({'error': 'unshare: Operation not permitted'})"
+                       " + '\\n').encode())\n")
+    monkeypatch.setattr(sandbox, "JAIL", failing)
+    with pytest.raises(ConfigError, match="unsafe-no-sandbox"):
+        run_python("print('should not run')\n", Limits(timeout=5))
+    sandbox._probe.cache_clear()
+    try:  # `eval` refuses before loading the model or running any task, and writes no report
+        with pytest.raises(ConfigError, match=r"sandbox: unshare: Operation not permitted.*unsafe-no-sandbox"):
+            lmforge.evaluate(model=tmp_path / "never-loaded", tasks=[TASKS / "python_functions.yaml"],
+                             out=tmp_path / "eval.json")
+        assert not (tmp_path / "eval.json").exists()
+    finally:
+        sandbox._probe.cache_clear()
+
+
+def test_without_isolation_limits_still_apply() -> None:
+    """The explicit opt-out still has the time limit and a temporary directory."""
+    code = "import os\nprint(os.getcwd(), flush=True)\nwhile True:\n    pass\n"
+    result = run_python(code, Limits(timeout=1.0), isolate=False)
+    assert result.status == "timeout" and result.seconds < 15
+    assert Path(result.stdout.strip()).name == "work" and not Path(result.stdout.strip()).exists()
