@@ -36,7 +36,7 @@ def _skipped(name: str) -> bool:
     return name.startswith(".") or name in _SKIP_DIRS
 
 
-def _walk(root: Path, glob: str | None) -> list[Path]:
+def walk_files(root: Path, glob: str | None = None) -> list[Path]:
     """Files under `root` in sorted order; hidden folders are pruned, not walked (think `.git`, `.venv`)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -48,11 +48,26 @@ def _walk(root: Path, glob: str | None) -> list[Path]:
     return sorted(found)
 
 
+def shard_files(root: Path) -> list[Path] | None:
+    """The shards listed in `root`/manifest.json when `root` was written by `data clean` / `data dedup`."""
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("lmforge-shards/"):
+        return None
+    return [root / s["file"] for s in meta["shards"]]
+
+
 def list_files(data: str | Path | Sequence[str | Path], glob: str | None = None) -> list[Path]:
     """Resolve `data` (a file, a folder searched recursively, or a list of either) to text files.
 
     Folders are walked in sorted order so every run sees the same files in the same order;
     hidden entries, `__pycache__` and binary files are skipped. A file named explicitly must be text.
+    A folder written by `data clean` / `data dedup` stands for the (maybe compressed) shards it lists.
     """
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if not paths:
@@ -64,7 +79,8 @@ def list_files(data: str | Path | Sequence[str | Path], glob: str | None = None)
                 raise DataError(f"{p}: not a UTF-8 text file (binary content in the first 8 KiB)")
             files.append(p)
         elif p.is_dir():
-            found = [f for f in _walk(p, glob) if not _is_binary(f)]
+            shards = shard_files(p) if glob is None else None
+            found = shards if shards is not None else [f for f in walk_files(p, glob) if not _is_binary(f)]
             if not found:
                 pattern = f" matching {glob!r}" if glob else ""
                 raise DataError(f"{p}: no readable text files{pattern} in this folder")
@@ -75,7 +91,9 @@ def list_files(data: str | Path | Sequence[str | Path], glob: str | None = None)
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
+    from lmforge.data.readers import open_binary  # .jsonl.gz / .jsonl.zst shards from `data clean`
+
+    with open_binary(path) as f:
         for line_no, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -112,7 +130,7 @@ def _read_text(path: Path) -> str:
 def iter_file_documents(path: Path, field: str = "text") -> Iterator[str]:
     """Documents of one file: each non-empty line's `field` for `.jsonl`, else the whole file."""
     path = Path(path)
-    if path.suffix.lower() == ".jsonl":
+    if path.suffix.lower() == ".jsonl" or path.name.lower().endswith((".jsonl.zst", ".jsonl.gz")):
         yield from _iter_jsonl(path, field)
     else:
         text = _read_text(path)

@@ -1,0 +1,341 @@
+"""Labelled data: the formats lmforge trains on, `validate`, rule/model pre-labelling and review merging.
+
+Formats (one JSON object per line):
+    classification  {"text": str, "label": str | int}
+    pairs           {"source": str, "target": str}                      translation, summarisation
+    qa              {"context": str, "question": str, "answers": [str, ...]}
+    chat            {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+
+Pre-labelling is the human-in-the-loop shortcut: a predictor labels everything, people review only the
+rows it is unsure of (a CSV a spreadsheet opens), and `merge_labels` folds their answers back, refusing a
+row whose text changed since, because then the label may no longer belong to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from lmforge.data.readers import open_binary
+from lmforge.errors import ConfigError, DataError
+from lmforge.io import atomic_path
+
+Schema = Literal["classification", "pairs", "qa", "chat"]
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+class Predictor(Protocol):
+    """Anything that labels texts: `predict(texts) -> [(label, confidence in [0, 1]), ...]`."""
+
+    def __call__(self, texts: Sequence[str]) -> list[tuple[str, float]]: ...
+
+
+def head_run_predictor(path: Path) -> Predictor | None:
+    """A `finetune classify` run: its most probable label and that label's probability."""
+    from lmforge.eval.classifier import HeadClassifier, is_head_run
+
+    if not is_head_run(path):
+        return None
+    classifier = HeadClassifier(path)
+
+    def predict(texts: Sequence[str]) -> list[tuple[str, float]]:
+        return [(label, probs[label]) for label, probs in classifier.predict(list(texts))]
+
+    return predict
+
+
+# Loaders for `annotate --model DIR`: each takes a directory and returns a Predictor, or None if the
+# directory is not its kind.
+PREDICTOR_LOADERS: list[Callable[[Path], Predictor | None]] = [head_run_predictor]
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def check_row(row: Any, schema: Schema) -> str | None:
+    """Why `row` does not fit `schema`, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    if schema == "classification":
+        if not _is_str(row.get("text")):
+            return "field 'text' missing or not a non-empty string"
+        if not isinstance(row.get("label"), (str, int)) or isinstance(row.get("label"), bool) or row["label"] == "":
+            return "field 'label' missing or not a string/integer"
+    elif schema == "pairs":
+        for key in ("source", "target"):
+            if not _is_str(row.get(key)):
+                return f"field {key!r} missing or not a non-empty string"
+    elif schema == "qa":
+        for key in ("context", "question"):
+            if not _is_str(row.get(key)):
+                return f"field {key!r} missing or not a non-empty string"
+        answers = row.get("answers")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            return "field 'answers' must be a non-empty list of strings"
+    elif schema == "chat":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            return "field 'messages' must be a non-empty list"
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                return f"messages[{k}] must be {{'role': one of {sorted(_ROLES)}, 'content': str}}"
+        if not any(m["role"] == "assistant" for m in msgs):
+            return "no 'assistant' message to learn from"
+    else:
+        raise ConfigError(f"unknown schema {schema!r}; choose classification, pairs, qa or chat")
+    return None
+
+
+def _rows(path: Path) -> Any:
+    """(line number, parsed row or error message) for every non-blank line of a JSONL file."""
+    try:
+        stream = open_binary(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with stream:
+        for line_no, raw in enumerate(stream, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield line_no, DataError(f"invalid UTF-8 at byte {e.start} of the line")
+            except json.JSONDecodeError as e:
+                yield line_no, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def validate(path: Path, schema: Schema = "classification", *, max_listed: int = 100) -> dict[str, Any]:
+    """Check a labelled JSONL file against a format; report every bad line and the class balance.
+
+    Prints the bad lines (file:line: why) and, for classification, a class-balance table, then raises
+    an error naming the number of bad lines if there are any, so scripts can stop on it.
+
+    Args:
+        path: The JSONL file.
+        schema: "classification", "pairs", "qa" or "chat" (see lmforge/data/annotate.py).
+        max_listed: Print at most this many bad lines (all are counted).
+
+    Returns:
+        {"rows", "bad": [{"line", "error"}], "labels": {label: count}}.
+    """
+    path = Path(path)
+    bad: list[dict[str, Any]] = []
+    labels: Counter = Counter()
+    rows = 0
+    for line_no, row in _rows(path):
+        rows += 1
+        err = str(row) if isinstance(row, DataError) else check_row(row, schema)
+        if err:
+            bad.append({"line": line_no, "error": err})
+        elif schema == "classification":
+            labels[str(row["label"])] += 1
+    if rows == 0:
+        raise DataError(f"{path}: no rows")
+    report = {"file": str(path), "schema": schema, "rows": rows, "bad": bad, "labels": dict(labels.most_common())}
+    for b in bad[:max_listed]:
+        print(f"{path}:{b['line']}: {b['error']}", file=sys.stderr)
+    if labels:
+        print(balance_table(labels), file=sys.stderr)
+    if bad:
+        raise DataError(f"{path}: {len(bad)} of {rows} lines do not fit the {schema!r} format "
+                        f"(first: line {bad[0]['line']}: {bad[0]['error']})")
+    return report
+
+
+def balance_table(labels: Counter) -> str:
+    """A Markdown table of label counts and shares, most frequent first."""
+    total = sum(labels.values())
+    lines = ["| label | rows | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:,} | {100 * v / total:.1f}% |" for k, v in labels.most_common()]
+    return "\n".join(lines)
+
+
+class RulePredictor:
+    """Keyword and regex rules from a YAML/JSON file; a text gets the label with the most rule hits.
+
+    File format: `{"labels": {"sports": {"keywords": ["match", "goal"], "regex": ["\\bscore[ds]?\\b"]}, ...},
+    "default": "other"}`. Confidence is the winner's share of all hits (1.0 when only one label fires);
+    a text no rule fires on gets `default` (or nothing) with confidence 0, so it always goes to review.
+    """
+
+    def __init__(self, rules: dict[str, Any], source: str = "rules") -> None:
+        if not isinstance(rules, dict) or not isinstance(rules.get("labels"), dict) or not rules["labels"]:
+            raise ConfigError(f"{source}: expected {{'labels': {{label: {{'keywords': [...], 'regex': [...]}}}}}}")
+        self.default = rules.get("default")
+        self.patterns: dict[str, list[re.Pattern]] = {}
+        for label, spec in rules["labels"].items():
+            spec = spec or {}
+            pats = [re.compile(r"(?<!\w)" + re.escape(k.lower()) + r"(?!\w)") for k in spec.get("keywords", [])]
+            for r in spec.get("regex", []):
+                try:
+                    pats.append(re.compile(r, re.IGNORECASE))
+                except re.error as e:
+                    raise ConfigError(f"{source}: label {label!r}: bad regex {r!r} ({e})") from None
+            self.patterns[str(label)] = pats
+
+    @classmethod
+    def load(cls, path: Path) -> RulePredictor:
+        import yaml
+
+        try:
+            rules = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the rule file ({e})") from None
+        return cls(rules, str(path))
+
+    def __call__(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        out = []
+        for text in texts:
+            low = text.lower()
+            hits = {label: sum(len(p.findall(low)) for p in pats) for label, pats in self.patterns.items()}
+            total = sum(hits.values())
+            if total == 0:
+                out.append((self.default or "", 0.0))
+                continue
+            label = max(hits, key=lambda k: hits[k])
+            out.append((label, hits[label] / total))
+        return out
+
+
+def load_predictor(model: Path) -> Predictor:
+    """A rule file (.yaml/.yml/.json), or a model directory some loader in `PREDICTOR_LOADERS` accepts."""
+    model = Path(model)
+    if model.is_file():
+        return RulePredictor.load(model)
+    if model.is_dir():
+        for loader in PREDICTOR_LOADERS:
+            if (predictor := loader(model)) is not None:
+                return predictor
+        raise ConfigError(f"{model}: no classifier loader accepts this directory; pass a keyword/regex rule file "
+                          "(see `lmforge data annotate --help`) until a classifier is fine-tuned")
+    raise ConfigError(f"{model}: no such file or directory")
+
+
+def annotate(input: Path, model: Path, output: Path, *, review_below: float = 0.7, review: Path | None = None,
+             text_field: str = "text", batch_size: int = 256,
+             predictor: Predictor | None = None) -> dict[str, Any]:
+    """Pre-label unlabeled JSONL with a classifier or keyword/regex rules; send unsure rows to review.
+
+    Each output row gets `label`, `confidence` and `row` (its line number in `input`, the key that
+    `merge-labels` matches on). Rows with confidence below `review_below` also go to a CSV
+    (row, text, label, confidence) for people to correct in a spreadsheet.
+
+    Args:
+        input: Unlabeled JSONL with a text field.
+        model: A rule file (YAML/JSON: labels → keywords / regex) or a trained classifier directory.
+        output: Pre-labelled JSONL.
+        review_below: Confidence under which a row is sent to review.
+        review: The review CSV; default: `output` with the suffix .review.csv.
+        text_field: Key of the text in each row.
+        batch_size: Texts per predictor call.
+        predictor: (Python only) a callable used instead of `model`.
+
+    Returns:
+        Counts of rows, rows sent to review and labels.
+    """
+    input, output = Path(input), Path(output)
+    review = Path(review) if review is not None else output.with_suffix(".review.csv")
+    predict = predictor if predictor is not None else load_predictor(model)
+    labels: Counter = Counter()
+    rows = to_review = 0
+    with atomic_path(output) as tmp_out, atomic_path(review) as tmp_rev, \
+            open(tmp_out, "w", encoding="utf-8") as out, open(tmp_rev, "w", encoding="utf-8", newline="") as rev:
+        writer = csv.writer(rev)
+        writer.writerow(["row", "text", "label", "confidence"])
+        batch: list[tuple[int, dict]] = []
+
+        def flush() -> None:
+            nonlocal rows, to_review
+            preds = predict([r[text_field] for _, r in batch])
+            if len(preds) != len(batch):
+                raise DataError(f"predictor returned {len(preds)} labels for {len(batch)} texts")
+            for (line_no, row), (label, conf) in zip(batch, preds):
+                row.update(row=line_no, label=label, confidence=round(float(conf), 4))
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                labels[label] += 1
+                rows += 1
+                if conf < review_below:
+                    writer.writerow([line_no, row[text_field], label, row["confidence"]])
+                    to_review += 1
+            batch.clear()
+
+        for line_no, row in _rows(input):
+            if isinstance(row, DataError):
+                raise DataError(f"{input}:{line_no}: {row}")
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise DataError(f"{input}:{line_no}: field {text_field!r} missing or not a string")
+            batch.append((line_no, row))
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
+    if rows == 0:
+        raise DataError(f"{input}: no rows")
+    return {"output": str(output), "review": str(review), "rows": rows, "to_review": to_review,
+            "labels": dict(labels.most_common())}
+
+
+def merge_labels(prelabeled: Path, reviewed: Path, output: Path, *, text_field: str = "text",
+                 on_mismatch: Literal["raise", "skip"] = "raise") -> dict[str, Any]:
+    """Fold a reviewed CSV (row, text, label[, confidence]) back into pre-labelled JSONL.
+
+    A reviewed label replaces the predicted one (confidence 1.0, `reviewed: true`) only if the row's
+    text is unchanged; a row whose text differs is refused: an error naming the CSV line, or with
+    `on_mismatch skip`, left as predicted and counted.
+
+    Args:
+        prelabeled: The JSONL written by `data annotate`.
+        reviewed: The review CSV after people corrected the `label` column.
+        output: The merged JSONL (classification format plus `confidence` and `reviewed`).
+        text_field: Key of the text in the JSONL rows.
+        on_mismatch: "raise" on the first changed text, or "skip" such rows.
+
+    Returns:
+        Counts of rows, merged, changed labels and refused rows.
+    """
+    reviewed_rows: dict[int, tuple[int, str, str]] = {}
+    try:
+        with open(reviewed, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"row", "text", "label"} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(f"{reviewed}:1: columns {sorted(missing)} missing (found {reader.fieldnames})")
+            for rec in reader:
+                try:
+                    reviewed_rows[int(rec["row"])] = (reader.line_num, rec["text"], rec["label"].strip())
+                except (TypeError, ValueError):
+                    raise DataError(f"{reviewed}:{reader.line_num}: 'row' must be an integer, "
+                                    f"got {rec['row']!r}") from None
+    except OSError as e:
+        raise DataError(f"{reviewed}: cannot read ({e.strerror})") from None
+    merged = changed = refused = rows = 0
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for line_no, row in _rows(Path(prelabeled)):
+            if isinstance(row, DataError):
+                raise DataError(f"{prelabeled}:{line_no}: {row}")
+            rows += 1
+            key = row.get("row", line_no)
+            if key in reviewed_rows:
+                csv_line, text, label = reviewed_rows.pop(key)
+                if text != row.get(text_field):
+                    if on_mismatch == "raise":
+                        raise DataError(f"{reviewed}:{csv_line}: text of row {key} differs from {prelabeled}:"
+                                        f"{line_no}; refusing its label (pass --on-mismatch skip to leave it)")
+                    refused += 1
+                elif label:
+                    changed += label != row.get("label")
+                    row.update(label=label, confidence=1.0, reviewed=True)
+                    merged += 1
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if reviewed_rows:  # raised inside the `with`, so no output file is left behind
+            k, (csv_line, _, _) = next(iter(reviewed_rows.items()))
+            raise DataError(f"{reviewed}:{csv_line}: row {k} is not in {prelabeled} "
+                            f"({len(reviewed_rows)} such rows)")
+    return {"output": str(output), "rows": rows, "merged": merged, "changed": changed, "refused": refused}
