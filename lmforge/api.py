@@ -124,7 +124,8 @@ def load(path: str | Path, *, device: str | None = None, dtype: torch.dtype | No
     """Load a checkpoint directory written by any lmforge stage, or a Hugging Face model folder.
 
     An HF folder (GPT-2, Llama, Mistral, Qwen2/2.5, Qwen3, BERT) is converted in memory, tensor by
-    tensor; `lmforge convert from-hf` does the same once, to disk.
+    tensor; `lmforge convert from-hf` does the same once, to disk. A LoRA run loads as its base with the
+    adapters attached (unmerged).
     """
     from lmforge.convert import generation_from_hf, load_config
     from lmforge.model.hf import build_model, is_hf_checkpoint, load_hf_model, read_hf_config
@@ -132,6 +133,12 @@ def load(path: str | Path, *, device: str | None = None, dtype: torch.dtype | No
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
+    if (path / "adapter_config.json").is_file() and not (path / "model.safetensors").exists():
+        from lmforge.finetune.lm import load_lora  # a LoRA run: its base plus the adapters, unmerged
+
+        lm = load_lora(path)
+        lm.model.to(device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype)
+        return lm
     if is_hf_checkpoint(path):
         model, _ = load_hf_model(path, dtype)
         generation_config = generation_from_hf(path, read_hf_config(path))
@@ -155,8 +162,10 @@ def load(path: str | Path, *, device: str | None = None, dtype: torch.dtype | No
 
 def generate(
     model: Path,
-    prompt: str,
+    prompt: str | None = None,
     *,
+    chat: str | None = None,
+    system: str | None = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -171,13 +180,15 @@ def generate(
     seed: int | None = None,
     device: str | None = None,
 ) -> str:
-    """Complete a prompt with a trained model.
+    """Complete a prompt, or answer one chat message, with a trained or imported model.
 
     Unset sampling options come from the checkpoint's generation_config.json.
 
     Args:
-        model: Checkpoint directory.
+        model: Checkpoint directory, LoRA run or Hugging Face model folder.
         prompt: Text to continue.
+        chat: Instead of a prompt, a user message answered through the tokenizer's chat template.
+        system: A system message before `chat`.
         max_new_tokens: Most tokens to generate.
         temperature: 0 is greedy; higher is more random.
         top_k: Sample among the k most likely tokens only.
@@ -195,11 +206,17 @@ def generate(
     Returns:
         The completion, without the prompt.
     """
+    if (prompt is None) == (chat is None):
+        raise ConfigError("give exactly one of --prompt (text to continue) and --chat (a message to answer)")
     lm = load(model, device=device)
-    return lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                       frequency_penalty=frequency_penalty, num_beams=num_beams, length_penalty=length_penalty,
-                       stop=stop, seed=seed)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, num_beams=num_beams, length_penalty=length_penalty,
+                    stop=stop, seed=seed)
+    if chat is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat}]
+        return lm.chat(messages, **sampling)
+    return lm.generate(prompt, **sampling)
 
 
 def models() -> str:

@@ -18,28 +18,45 @@ from lmforge.errors import LMForgeError
 
 def verbs() -> dict[str, Any]:
     from lmforge.api import generate, models
+    from lmforge.convert import from_hf, to_hf
+    from lmforge.data.annotate import annotate, merge_labels, validate
     from lmforge.data.pack import pack
+    from lmforge.data.pipeline import clean, dedup
+    from lmforge.data.stats import stats
     from lmforge.demo import demo
+    from lmforge.eval.evaluate import compare, evaluate
     from lmforge.eval.perplexity import perplexity
+    from lmforge.finetune import finetune_classify, finetune_full, finetune_lora, finetune_regress, merge_lora, predict
+    from lmforge.infer.chat import chat
+    from lmforge.infer.server import serve
     from lmforge.tokenizer import train_tokenizer
     from lmforge.train.pretrain import pretrain
 
     return {
         "tokenizer": {"train": train_tokenizer},
-        "data": {"pack": pack},
+        "data": {"pack": pack, "clean": clean, "dedup": dedup, "stats": stats, "validate": validate,
+                 "annotate": annotate, "merge-labels": merge_labels},
         "pretrain": pretrain,
-        "eval": {"perplexity": perplexity},
+        "finetune": {"full": finetune_full, "lora": finetune_lora, "classify": finetune_classify,
+                     "regress": finetune_regress},
+        "merge-lora": merge_lora,
+        "predict": predict,
+        "eval": {"run": evaluate, "compare": compare, "perplexity": perplexity},
+        "convert": {"from-hf": from_hf, "to-hf": to_hf},
         "generate": generate,
+        "chat": chat,
+        "serve": serve,
         "demo": demo,
         "models": models,
     }
 
 
-_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9_-]*(?==|$)")  # a whole word or before "=": never a value
+_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9_.-]*(?==|$)")  # a whole word or before "=": never a value
 
 
 def normalize_options(argv: list[str]) -> list[str]:
-    """`--max-steps 5` → `--max_steps 5`; values after `=` are left alone."""
+    """`--max-steps 5` → `--max_steps 5`, `--normalize.fix-mojibake` → `--normalize.fix_mojibake`;
+    values after `=` are left alone."""
     return [_OPTION.sub(lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in argv]
 
 
@@ -56,6 +73,38 @@ def _dashed_help_formatter():
     return DashedHelpFormatter
 
 
+def eval_shorthand(argv: list[str]) -> list[str]:
+    """`eval --model ...` → `eval run --model ...`: jsonargparse subcommands need a name."""
+    if argv[:1] == ["eval"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] not in (
+            "--help", "--print_config"):
+        return ["eval", "run", *argv[1:]]
+    return argv
+
+
+# Verbs whose leading bare arguments name options: `lmforge convert from-hf DIR` = `... --path DIR`.
+POSITIONAL: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("convert", "from-hf"): ("path",),
+    ("convert", "to-hf"): ("model",),
+    ("data", "stats"): ("input",),
+    ("data", "validate"): ("path",),
+    ("data", "merge-labels"): ("prelabeled", "reviewed"),
+    ("merge-lora",): ("adapter",),
+    ("eval", "compare"): ("a", "b"),
+}
+
+
+def positional_shorthand(argv: list[str]) -> list[str]:
+    for verb, names in POSITIONAL.items():
+        if tuple(argv[:len(verb)]) == verb:
+            rest = argv[len(verb):]
+            bare = 0
+            while bare < min(len(names), len(rest)) and not rest[bare].startswith("-"):
+                bare += 1
+            options = [x for name, value in zip(names, rest[:bare]) for x in (f"--{name}", value)]
+            return [*verb, *options, *rest[bare:]]
+    return argv
+
+
 def show(result: Any) -> None:
     if result is None:
         return
@@ -68,7 +117,7 @@ def show(result: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
-    args = normalize_options(sys.argv[1:] if argv is None else argv)
+    args = positional_shorthand(eval_shorthand(normalize_options(sys.argv[1:] if argv is None else argv)))
     try:
         show(CLI(verbs(), args=args, as_positional=False, prog="lmforge", formatter_class=_dashed_help_formatter(),
                  description="lmforge: raw text to a served language model."))

@@ -121,7 +121,10 @@ def demo(
     """
     from lmforge.api import LM, load
     from lmforge.config import resolve_model_config
+    from lmforge.data.clean import Normalize
+    from lmforge.data.filters import Filters
     from lmforge.data.pack import pack
+    from lmforge.data.pipeline import clean
     from lmforge.eval.perplexity import perplexity
     from lmforge.model.gpt import GPT
     from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -137,8 +140,15 @@ def demo(
     def stage(text: str) -> None:
         print(f"\n[{time.perf_counter() - start:6.1f}s] {text}", file=sys.stderr, flush=True)
 
-    stage("1/6 extracting the corpus (stdlib source + pydoc topics)")
-    train_dir, held_dir = extract_corpus(out / "corpus", corpus_mb)
+    stage("1/6 extracting the corpus (stdlib source + pydoc topics) and cleaning it")
+    raw_dir, held_dir = extract_corpus(out / "corpus", corpus_mb)
+    # Code is not prose: the Gopher filters would drop most of it, and mojibake repair could rewrite
+    # deliberate byte strings; NFC, control characters, whitespace, PII and exact dedup still apply.
+    cleaned = clean(raw_dir, out / "clean", normalize=Normalize(fix_mojibake=False), filters=Filters(enabled=False),
+                    progress=False)
+    train_dir = Path(cleaned["output"])
+    stage(f"    kept {cleaned['kept']:,} of {cleaned['documents']:,} documents "
+          f"(removed {cleaned['removed'] or 'none'}; PII replaced {cleaned['pii'] or 'none'})")
     stage(f"2/6 training a {vocab_size}-token byte-level BPE tokenizer")
     tok_dir = train_tokenizer(train_dir, out / "tokenizer", vocab_size=vocab_size)
     stage("3/6 packing tokens")

@@ -255,8 +255,9 @@ class Tokenizer:
         return [self._with_bos(e.ids, add_bos) for e in encodings]
 
     def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
-        # BOS is added here, not by a post-processor, so add_bos means the same for every tokenizer.
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+        # BOS is added here, not by a post-processor, so add_bos means the same for every tokenizer; never
+        # twice, when the text already begins with it (chat templates that write `bos_token` themselves).
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             return [self.bos_id, *ids]
         return ids
 
@@ -290,9 +291,14 @@ class Tokenizer:
             )
         specials = {key: self.token_str(key) for key in
                     ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")}
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-            **{k: v for k, v in specials.items() if v is not None}, **extra)
+        from jinja2 import TemplateError
+
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                **{k: v for k, v in specials.items() if v is not None}, **extra)
+        except TemplateError as e:  # syntax errors, and the sandbox refusing unsafe access
+            raise ConfigError(f"chat template: {e}") from None
 
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """The conversation's token ids as transformers gives them: the rendered text, no BOS added

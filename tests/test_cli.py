@@ -198,3 +198,23 @@ def test_cli_chain_tokenizer_pack_pretrain_eval_generate(
     assert out.endswith("\n")  # the completion, printed as one string (seeded, so the same every time)
     assert out == run(["generate", "--model", str(ckpt), "--prompt", "The model", "--seed", "0",
                        "--max-new-tokens", "5", "--device", "cpu"], capsys)[1]
+
+
+def test_dotted_options_take_dashes_too() -> None:
+    from lmforge.cli import normalize_options
+
+    assert normalize_options(["--normalize.fix-mojibake", "false", "--filters.min-words=3"]) == [
+        "--normalize.fix_mojibake", "false", "--filters.min_words=3"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["convert", "from-hf", "hf/", "--out", "o"], ["convert", "from-hf", "--path", "hf/", "--out", "o"]),
+    (["eval", "compare", "a.json", "b.json"], ["eval", "compare", "--a", "a.json", "--b", "b.json"]),
+    (["data", "merge-labels", "p.jsonl", "r.csv", "--output", "x"],
+     ["data", "merge-labels", "--prelabeled", "p.jsonl", "--reviewed", "r.csv", "--output", "x"]),
+    (["merge-lora", "--adapter", "runs/l"], ["merge-lora", "--adapter", "runs/l"]),
+])
+def test_leading_bare_arguments_become_their_options(argv: list[str], expected: list[str]) -> None:
+    from lmforge.cli import positional_shorthand
+
+    assert positional_shorthand(argv) == expected

@@ -39,9 +39,15 @@ FAMILIES = {
 }
 
 
+CHAT_TEMPLATE = (  # Llama 3's shape: writes bos_token itself
+    "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 def save_hf_tokenizer(directory: Path, tokenizer_dir: Path) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"), eos_token="<|endoftext|>",
                                   pad_token="<|pad|>", bos_token="<|begin_of_text|>")
+    tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(directory)
 
 
@@ -174,6 +180,23 @@ def test_cli_convert_both_ways_and_every_verb_takes_an_hf_folder(tmp_path, tiny_
     assert main(["eval", "perplexity", "--model", str(directory), "--data", str(text)]) == 0
     assert main(["generate", "--model", str(directory), "--prompt", "the model", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
+    assert main(["generate", "--model", str(directory), "--chat", "hello", "--max-new-tokens", "4"]) == 0
+
+
+def test_chat_reply_equals_transformers_greedy_generation(family) -> None:
+    from transformers import AutoTokenizer
+
+    _, directory = family
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat on"}]
+    hf_tok = AutoTokenizer.from_pretrained(directory)
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    lm = lmforge.load(directory)
+    assert lm.tokenizer.chat_ids(messages) == ids["input_ids"][0].tolist()  # one BOS, as transformers
+    stops = [hf_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=stops[1])
+    expected = hf_tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert lm.chat(messages, max_new_tokens=8, temperature=0) == expected
 
 
 # ---------------------------------------------------------------------------------------------- BERT
