@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import DataError
 
@@ -90,7 +91,9 @@ def list_files(data: str | Path | Sequence[str | Path], glob: str | None = None)
     return files
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file (also .jsonl.gz / .jsonl.zst);
+    bad UTF-8, bad JSON or a non-object line is a DataError naming file:line."""
     from lmforge.data.readers import open_binary  # .jsonl.gz / .jsonl.zst shards from `data clean`
 
     with open_binary(path) as f:
@@ -107,15 +110,18 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                 raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            if field not in row:
-                raise DataError(f"{path}:{line_no}: field {field!r} missing (found keys: {sorted(row)})")
-            text = row[field]
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{path}:{line_no}: field {field!r} must be a string, got {type(text).__name__}"
-                )
-            if text:
-                yield text
+            yield line_no, row
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    for line_no, row in iter_jsonl_rows(path):
+        if field not in row:
+            raise DataError(f"{path}:{line_no}: field {field!r} missing (found keys: {sorted(row)})")
+        text = row[field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_no}: field {field!r} must be a string, got {type(text).__name__}")
+        if text:
+            yield text
 
 
 def _read_text(path: Path) -> str:

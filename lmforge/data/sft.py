@@ -19,7 +19,6 @@ itself through a block-diagonal causal mask, so a packed example computes exactl
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.datasets import iter_jsonl_rows
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
 
@@ -64,21 +64,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         return
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"{path}: expected a .jsonl or .csv file")
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid UTF-8 at byte {e.start} of the line") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
+    yield from iter_jsonl_rows(path)
 
 
 def _text_field(row: dict[str, Any], key: str, where: str, optional: bool = False) -> str:
