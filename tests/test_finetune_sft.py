@@ -147,3 +147,17 @@ def test_loader_state_resumes_at_the_same_batch(tiny_tokenizer):
     for _ in range(4):
         (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
         assert torch.equal(xa["input_ids"], xb["input_ids"]) and torch.equal(ya, yb)
+
+
+def test_compressed_jsonl_reads_like_plain(tmp_path):
+    import gzip
+
+    from lmforge.data.sft import read_records
+
+    rows = [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "a.jsonl").write_text(text)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(text)
+    assert list(read_records(tmp_path / "a.jsonl.gz")) == list(read_records(tmp_path / "a.jsonl")) == [
+        (1, rows[0]), (2, rows[1])]

@@ -62,8 +62,8 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except (csv.Error, UnicodeDecodeError) as e:
                 raise DataError(f"{path}:{line_no}: unreadable CSV ({e})") from None
         return
-    if path.suffix.lower() != ".jsonl":
-        raise DataError(f"{path}: expected a .jsonl or .csv file")
+    if not path.name.lower().endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        raise DataError(f"{path}: expected a .jsonl (optionally .gz / .zst) or .csv file")
     yield from iter_jsonl_rows(path)
 
 
