@@ -94,21 +94,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"architectures", "model_type", "torch_dtype"})
-        if unknown:
-            raise ConfigError(f"{source}: unknown model config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return config_from_dict(cls, data, source)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        data = read_config_json(path)
         if data.get("model_type", "lmforge") != "lmforge":
             raise ConfigError(
                 f"{path}: model_type={data['model_type']!r} is a Hugging Face config; "
@@ -118,6 +109,27 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def config_from_dict(cls: type, data: dict[str, Any], source: str = "config") -> Any:
+    """A config dataclass from a config.json's keys; an unknown key is an error naming it and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known - {"architectures", "model_type", "torch_dtype"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown model config keys {unknown}; known keys: {sorted(known)}")
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 _GPT2 = dict(norm="layernorm", mlp="gelu_tanh", position="learned", bias=True, tie_word_embeddings=True, family="gpt2")

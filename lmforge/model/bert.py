@@ -9,7 +9,6 @@ per text: the [CLS] position, or the mean over real tokens (what sentence-transf
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.config import config_from_dict, read_config_json
 from lmforge.errors import ConfigError
 
 ENCODER_MODEL_TYPE = "lmforge-encoder"
@@ -62,16 +62,11 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> EncoderConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"architectures", "model_type", "torch_dtype"})
-        if unknown:
-            raise ConfigError(f"{source}: unknown encoder config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return config_from_dict(cls, data, source)
 
     @classmethod
     def load(cls, path: str | Path) -> EncoderConfig:
-        path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.from_dict(read_config_json(Path(path)), source=str(path))
 
     def replace(self, **changes: Any) -> EncoderConfig:
         return dataclasses.replace(self, **changes)
