@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test test-fast install install-test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update && apt-get install -y chromium chromium-driver
 
-install-test: $(BIN)/python $(GPT2_BPE) $(CHROMIUM)
+# Bubblewrap isolates the generated code that code tasks run (lmforge/eval/sandbox.py).
+BWRAP := /usr/bin/bwrap
+
+$(BWRAP):
+	apt-get update && apt-get install -y bubblewrap
+
+install-test: $(BIN)/python $(GPT2_BPE) $(CHROMIUM) $(BWRAP)
 	$(BIN)/pip install --quiet -e '.[test]'
 
 demo: install
@@ -35,6 +41,10 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Local iteration: everything but the end-to-end runs marked slow (CI runs them all through `make test`).
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: install-test
 	$(BIN)/ruff check lmforge tests benchmarks
