@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.generate import SamplingParams, generate_tokens
+from lmforge.infer.decode import SamplingParams, generate_tokens
 from lmforge.model.hf import load_hf_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

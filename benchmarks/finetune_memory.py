@@ -41,8 +41,8 @@ def status_kib(key: str) -> int:
 def setup(root: Path) -> tuple[Path, Path]:
     """A random-weight checkpoint of SHAPE with a tokenizer, and SFT data made of real WordNet glosses."""
     import lmforge
-    from lmforge.api import LM
     from lmforge.config import preset
+    from lmforge.lm import LM
     from lmforge.model.gpt import GPT
     from lmforge.tokenizer import Tokenizer
 
@@ -63,9 +63,10 @@ def setup(root: Path) -> tuple[Path, Path]:
 def run_one(method: str, base: Path, data: Path, out: Path, steps: int, batch_size: int, block_size: int,
             precision: str) -> dict[str, float]:
     """In this process: fine-tune, then report speed and memory as JSON on stdout's last line."""
-    import lmforge.finetune.lm as lm
+    import lmforge.methods.sft as lm
+    import lmforge.train.shell as shell
 
-    loop_train = lm.train
+    loop_train = shell.train
     marks: dict[str, int] = {}
 
     def measured_train(*args, **kwargs):
@@ -76,7 +77,7 @@ def run_one(method: str, base: Path, data: Path, out: Path, steps: int, batch_si
         Path("/proc/self/clear_refs").write_text("5")
         return loop_train(*args, **kwargs)
 
-    lm.train = measured_train
+    shell.train = measured_train
     verb = lm.finetune_full if method == "full" else lm.finetune_lora
     verb(base, data, out, max_steps=steps, batch_size=batch_size, block_size=block_size, precision=precision,
          log_every=1, warmup_steps=1, progress=False, **METHODS[method])
@@ -104,7 +105,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         base, data = setup(Path(tmp))
-        from lmforge.api import load
+        from lmforge.lm import load
 
         params = load(base).model.num_params()
         results = {}

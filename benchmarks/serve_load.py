@@ -48,8 +48,8 @@ class Stats:
 
 def make_checkpoint(out: Path, preset_name: str) -> Path:
     """A random-weight model with a small BPE tokenizer trained on synthetic text."""
-    from lmforge.api import LM
     from lmforge.config import preset
+    from lmforge.lm import LM
     from lmforge.model.gpt import GPT
     from lmforge.tokenizer import Tokenizer, train_tokenizer
 

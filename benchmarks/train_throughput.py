@@ -30,7 +30,7 @@ How
     MFU = tok/s · FLOPs/token / peak, where FLOPs/token = 6N + 12·L·H·Q·T (PaLM appendix B) with N every
     parameter but the position table (the tied embedding counted once, as the head's matmul), computed
     by the same function for both models, and the peak is the matmul FLOP/s that
-    `lmforge.train.precision.measure_peak_flops` measures on this machine, thread count and precision
+    `lmforge.precision.measure_peak_flops` measures on this machine, thread count and precision
     (re-measured every round, best kept).
 
 Run
@@ -69,9 +69,10 @@ from torch import Tensor, nn
 
 from lmforge.config import preset
 from lmforge.model.gpt import GPT
-from lmforge.train.loop import TrainConfig, lm_loss, train
+from lmforge.precision import autocast, cpu_has_fast_bf16, measure_peak_flops
+from lmforge.train.loop import TrainConfig, train
+from lmforge.train.losses import lm_loss
 from lmforge.train.optim import build_optimizer, set_lr
-from lmforge.train.precision import autocast, cpu_has_fast_bf16, measure_peak_flops
 
 PRESET = "nanogpt-shakespeare"
 BATCH_SIZE = 12
@@ -210,6 +211,11 @@ def flops_per_token(model: nn.Module, n_layer: int, n_head: int, head_dim: int, 
     return 6 * n + 12 * n_layer * n_head * head_dim * seq_len
 
 
+def mean_loss(loss_sum: Tensor, targets: Tensor) -> Tensor:
+    """lm_loss returns a sum and its target count (train() divides once per step); a bare step divides here."""
+    return loss_sum / targets
+
+
 def plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: TimedBatches, n_steps: int,
                loss_of: Callable[[Tensor, Tensor], Tensor], amp: Callable[[], contextlib.AbstractContextManager],
                ) -> None:
@@ -254,7 +260,7 @@ def run_precision(precision: str, args: argparse.Namespace, workdir: Path) -> di
         plain_loop(ref, ref_opt, loader, block_steps, ref, ref_amp)
 
     def run_bare(loader: TimedBatches, r: int) -> None:
-        plain_loop(ours, ours_opt, loader, block_steps, lambda x, y: lm_loss(ours, x, y),
+        plain_loop(ours, ours_opt, loader, block_steps, lambda x, y: mean_loss(*lm_loss(ours, x, y)),
                    lambda: autocast(precision, DEVICE))
 
     def run_train(loader: TimedBatches, r: int) -> None:
@@ -263,7 +269,7 @@ def run_precision(precision: str, args: argparse.Namespace, workdir: Path) -> di
         cfg = TrainConfig(max_steps=block_steps, batch_size=BATCH_SIZE, lr=LR, warmup_steps=0,
                           weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1], grad_clip=GRAD_CLIP,
                           precision=precision, save_every=10**9, log_every=10**9, eval_every=10**9, seed=args.seed)
-        result = train(ours_train, config, loader, out, cfg, val_loader=None, progress=False)
+        result = train(ours_train, loader, out, cfg, val_loader=None, progress=False)
         if result.step != block_steps:
             raise RuntimeError(f"train() stopped at step {result.step} of {block_steps} ({result.stopped_by})")
         shutil.rmtree(out)
@@ -278,7 +284,7 @@ def run_precision(precision: str, args: argparse.Namespace, workdir: Path) -> di
                           eval_every=10**9, seed=args.seed)
         out = workdir / f"{precision}-lockstep"
         out.mkdir()
-        train(ours_train, config, loader, out, cfg, val_loader=None, progress=False)
+        train(ours_train, loader, out, cfg, val_loader=None, progress=False)
         shutil.rmtree(out)
         return loader.ours[args.warmup:], loader.reference[args.warmup:]
 

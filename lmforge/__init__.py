@@ -1,7 +1,6 @@
 """lmforge: raw text to a served language model. Every CLI verb is a function here of the same name."""
 
 from lmforge import convert
-from lmforge.api import LM, generate, load, models
 from lmforge.data.annotate import annotate, merge_labels, validate
 from lmforge.data.pack import pack
 from lmforge.data.pipeline import clean, dedup
@@ -9,10 +8,14 @@ from lmforge.data.stats import stats
 from lmforge.demo import demo
 from lmforge.eval.evaluate import evaluate
 from lmforge.eval.perplexity import perplexity
-from lmforge.finetune import finetune_classify, finetune_full, finetune_lora, finetune_regress, merge_lora, predict
 from lmforge.infer.chat import chat
+from lmforge.infer.generate import generate
+from lmforge.lm import LM, load
+from lmforge.methods.classify import finetune_classify, finetune_regress, predict
+from lmforge.methods.pretrain import pretrain
+from lmforge.methods.sft import finetune_full, finetune_lora, merge_lora
+from lmforge.model.presets import models
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.pretrain import pretrain
 
 __version__ = "0.1.0"
 __all__ = ["LM", "Tokenizer", "annotate", "chat", "clean", "convert", "dedup", "demo", "evaluate", "finetune_classify",

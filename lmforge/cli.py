@@ -17,7 +17,6 @@ from lmforge.errors import LMForgeError
 
 
 def verbs() -> dict[str, Any]:
-    from lmforge.api import generate, models
     from lmforge.convert import from_hf, to_hf
     from lmforge.data.annotate import annotate, merge_labels, validate
     from lmforge.data.pack import pack
@@ -26,11 +25,14 @@ def verbs() -> dict[str, Any]:
     from lmforge.demo import demo
     from lmforge.eval.evaluate import compare, evaluate
     from lmforge.eval.perplexity import perplexity
-    from lmforge.finetune import finetune_classify, finetune_full, finetune_lora, finetune_regress, merge_lora, predict
     from lmforge.infer.chat import chat
+    from lmforge.infer.generate import generate
     from lmforge.infer.server import serve
+    from lmforge.methods.classify import finetune_classify, finetune_regress, predict
+    from lmforge.methods.pretrain import pretrain
+    from lmforge.methods.sft import finetune_full, finetune_lora, merge_lora
+    from lmforge.model.presets import models
     from lmforge.tokenizer import train_tokenizer
-    from lmforge.train.pretrain import pretrain
 
     return {
         "tokenizer": {"train": train_tokenizer},

@@ -164,23 +164,3 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
-
-
-def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig:
-    """A preset name, a config.json, or a directory holding one."""
-    path = Path(model)
-    if str(model) in PRESETS:
-        return preset(str(model), **overrides)
-    if path.is_dir():
-        from lmforge.model.hf import config_from_hf, is_hf_checkpoint, read_hf_config
-
-        if is_hf_checkpoint(path):  # continue from a Hugging Face download
-            config = config_from_hf(read_hf_config(path), str(path / "config.json"))
-            if not isinstance(config, ModelConfig):
-                raise ConfigError(f"{model}: an encoder (BERT) cannot be trained as a language model here")
-            return config.replace(**overrides)
-        path = path / "config.json"
-    if path.is_file():
-        return ModelConfig.load(path).replace(**overrides)
-    raise ConfigError(f"model {str(model)!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
-

@@ -13,10 +13,9 @@ from typing import Any, Literal
 
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.checkpoint import SAMPLING_FROM_HF, generation_from_hf, read_config
 from lmforge.errors import CheckpointError
 from lmforge.io import atomic_write_json
-from lmforge.model.bert import ENCODER_MODEL_TYPE, EncoderConfig
 from lmforge.model.hf import (
     config_from_hf,
     config_to_hf,
@@ -32,25 +31,11 @@ from lmforge.model.tensorfile import TensorSource, write_tensors
 from lmforge.tokenizer import Tokenizer
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-SAMPLING_FROM_HF = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name in (None, "auto") else getattr(torch, name)
-
-
-def generation_from_hf(directory: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
-    """Our generation defaults from an HF model's generation_config.json (and its stop token ids)."""
-    path = Path(directory) / "generation_config.json"
-    hf = json.loads(path.read_text()) if path.is_file() else {}
-    out = {k: hf[k] for k in SAMPLING_FROM_HF if hf.get(k) is not None}
-    if hf.get("do_sample") is False:
-        out["temperature"] = 0.0  # HF's greedy default
-    eos = hf.get("eos_token_id", hf_config.get("eos_token_id"))
-    if eos is not None:
-        out["eos_token_id"] = eos if isinstance(eos, list) else [eos]
-    return out
 
 
 def from_hf(
@@ -101,14 +86,6 @@ def _import_dtype(source: TensorSource, names: tuple[str, ...], cast: torch.dtyp
     return cast if cast is not None and stored.is_floating_point else stored
 
 
-def load_config(directory: Path) -> ModelConfig | EncoderConfig:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no config.json; not a checkpoint directory")
-    kind = json.loads(path.read_text()).get("model_type", "lmforge")
-    return EncoderConfig.load(path) if kind == ENCODER_MODEL_TYPE else ModelConfig.load(path)
-
-
 def to_hf(
     model: Path,
     out: Path,
@@ -132,7 +109,7 @@ def to_hf(
         The folder written.
     """
     model, out = Path(model), Path(out)
-    config = load_config(model)
+    config = read_config(model)
     family = hf_family(config)
     _check_out(out, overwrite)
     source = TensorSource(model)

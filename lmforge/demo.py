@@ -119,16 +119,16 @@ def demo(
     Returns:
         The path of report.md.
     """
-    from lmforge.api import LM, load
-    from lmforge.config import resolve_model_config
+    from lmforge.checkpoint import resolve_model_config
     from lmforge.data.clean import Normalize
     from lmforge.data.filters import Filters
     from lmforge.data.pack import pack
     from lmforge.data.pipeline import clean
     from lmforge.eval.perplexity import perplexity
+    from lmforge.lm import LM, load
+    from lmforge.methods.pretrain import pretrain
     from lmforge.model.gpt import GPT
     from lmforge.tokenizer import Tokenizer, train_tokenizer
-    from lmforge.train.pretrain import pretrain
 
     start = time.perf_counter()
     out = Path(out)

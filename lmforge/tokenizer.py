@@ -12,13 +12,16 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from lmforge.data.readers import TextUnit
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -38,22 +41,6 @@ CHATML_TEMPLATE = (
 _NO_MAX_LENGTH = int(1e30)
 
 
-def _count_documents(data: Path, glob: str | None, cap: int | None) -> int:
-    """About how many documents there are (lines or files), for the progress bar; counting is I/O-bound."""
-    from lmforge.data.datasets import list_files
-
-    total = 0
-    for path in list_files(data, glob):
-        if path.suffix.lower() == ".jsonl":
-            with open(path, "rb") as f:
-                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-        else:
-            total += 1
-        if cap is not None and total >= cap:
-            return cap
-    return total
-
-
 def train_tokenizer(
     data: Path,
     out: Path = Path("tok"),
@@ -61,6 +48,7 @@ def train_tokenizer(
     vocab_size: int = 8192,
     field: str = "text",
     glob: str | None = None,
+    text_unit: TextUnit = "file",
     min_frequency: int = 2,
     max_documents: int | None = None,
 ) -> Path:
@@ -71,11 +59,13 @@ def train_tokenizer(
     Any string round-trips exactly: there is no unknown token and no normalization.
 
     Args:
-        data: A text or JSONL file, or a folder searched recursively for them.
+        data: A text, JSONL, CSV/TSV or Parquet file (optionally .gz/.zst), a folder searched recursively
+            for them, or a folder written by `data clean` / `data dedup`.
         out: Directory to write tokenizer.json and tokenizer_config.json into.
         vocab_size: Total vocabulary size including the 256 byte tokens and the 5 special tokens.
-        field: The JSON field holding the text in .jsonl files.
+        field: The JSONL field / CSV or Parquet column holding the text.
         glob: Only read files matching this pattern, e.g. "*.jsonl".
+        text_unit: For plain-text files: one document per "file" or per blank-line "paragraph" block.
         min_frequency: Only merge pairs seen at least this many times.
         max_documents: Train on the first this many documents only (faster on a big corpus).
 
@@ -91,10 +81,10 @@ def train_tokenizer(
     if max_documents is not None and max_documents < 1:
         raise ConfigError(f"max_documents={max_documents} must be at least 1")
     # Imported here: lmforge.data's packer imports this module, and the tokenizer must load without it.
-    from lmforge.data.datasets import iter_documents
+    from lmforge.data.readers import count_documents, iter_texts
 
     out = Path(out)
-    length = _count_documents(data, glob, max_documents)
+    length = count_documents(data, glob=glob, cap=max_documents)
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -108,7 +98,7 @@ def train_tokenizer(
     )
 
     def documents() -> Iterator[str]:
-        for i, doc in enumerate(iter_documents(data, field=field, glob=glob)):
+        for i, doc in enumerate(iter_texts(data, text_field=field, glob=glob, text_unit=text_unit)):
             if max_documents is not None and i >= max_documents:
                 return
             yield doc

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.api import LM
 from lmforge.config import preset
 from lmforge.data.pack import pack
+from lmforge.lm import LM
 from lmforge.model.gpt import GPT
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 

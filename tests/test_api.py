@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import lmforge
-from lmforge.api import LM
 from lmforge.config import preset
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.lm import LM
 from lmforge.tokenizer import IM_END
 
 PROMPT = "The model learns to"
@@ -112,3 +112,52 @@ def test_load_of_a_missing_directory_is_a_checkpoint_error(tmp_path: Path) -> No
     """load() of a path that is not a directory raises CheckpointError naming the path."""
     with pytest.raises(CheckpointError, match="nowhere"):
         lmforge.load(tmp_path / "nowhere")
+
+
+def test_generation_reuses_one_engine_per_lm(ckpt: Path) -> None:
+    """generate, stream, chat and generate([...]) all run through one engine the LM made on first use, whose
+    cache grows in place for a longer request; completions equal those of a private engine per call."""
+    from lmforge.infer.decode import generate_batch, stream
+
+    lm = lmforge.load(ckpt, device="cpu")
+    first = lm.generate(PROMPT, seed=7, **SAMPLE)
+    engine = lm.engine
+    assert engine is not None and engine.cache.max_length < lm.config.max_position_embeddings
+    assert lm.generate(PROMPT, seed=7, **SAMPLE) == first
+    assert "".join(stream(lm.model, lm.tokenizer, PROMPT, lm.sampling(seed=7, **SAMPLE))) == first
+    long = lm.generate(PROMPT, seed=1, **{**SAMPLE, "max_new_tokens": 100})
+    assert engine.cache.max_length >= len(lm.tokenizer.encode(PROMPT)) + 100
+    assert long == "".join(stream(lm.model, lm.tokenizer, PROMPT, lm.sampling(seed=1, **{**SAMPLE,
+                                                                                           "max_new_tokens": 100})))
+    assert "".join(lm.stream(PROMPT, seed=7, **SAMPLE)) == first
+    lm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4)
+    prompts = [PROMPT, "the cat"]
+    assert lm.generate(prompts, seed=[7, 3], **SAMPLE) == [first, lm.generate("the cat", seed=3, **SAMPLE)]
+    assert lm.generate(prompts, seed=5, **SAMPLE) == generate_batch(lm.model, lm.tokenizer, prompts,
+                                                                     lm.sampling(seed=5, **SAMPLE))
+    assert lm.engine is engine and not engine.has_work
+
+
+def test_interleaved_streams_of_one_lm_each_get_their_own_text(lm: LM) -> None:
+    """Two streams of one LM, read in turns, share its engine's steps yet each yields what it yields alone."""
+    alone = [list(lm.stream(p, seed=s, **SAMPLE)) for p, s in ((PROMPT, 1), ("the cat", 2))]
+    streams = [lm.stream(PROMPT, seed=1, **SAMPLE), lm.stream("the cat", seed=2, **SAMPLE)]
+    got: list[list[str]] = [[], []]
+    live = [0, 1]
+    while live:
+        for i in list(live):
+            piece = next(streams[i], None)
+            if piece is None:
+                live.remove(i)
+            else:
+                got[i].append(piece)
+    assert ["".join(g) for g in got] == ["".join(p) for p in alone]
+
+
+def test_a_request_beyond_the_lms_max_model_len_is_a_config_error(ckpt: Path) -> None:
+    lm = lmforge.load(ckpt, device="cpu")
+    lm.max_model_len = 16
+    assert lm.generate("the cat", max_new_tokens=8, temperature=0)
+    with pytest.raises(ConfigError, match="max_model_len=16"):
+        lm.generate("the cat sat on the mat and the dog", max_new_tokens=12)
+    assert lm.engine.max_model_len == 16

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.api import LM
 from lmforge.infer.chat import chat_loop
+from lmforge.lm import LM
 
 GREEDY = dict(max_new_tokens=6, temperature=0)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import docstring_parser
 import pytest
 
-import lmforge.api
+import lmforge.infer.generate
 from lmforge.cli import main, verbs
 from lmforge.config import PRESETS
 from lmforge.tokenizer import Tokenizer
@@ -21,6 +21,10 @@ VERB_ARGS = {
     "tokenizer train": ["tokenizer", "train"],
     "data pack": ["data", "pack"],
     "pretrain": ["pretrain"],
+    "finetune full": ["finetune", "full"],
+    "finetune lora": ["finetune", "lora"],
+    "finetune classify": ["finetune", "classify"],
+    "finetune regress": ["finetune", "regress"],
     "eval perplexity": ["eval", "perplexity"],
     "generate": ["generate"],
     "demo": ["demo"],
@@ -90,7 +94,7 @@ def test_option_values_that_start_with_dashes_are_passed_unchanged(
         def generate(self, prompt: str, **sampling: object) -> str:
             return f"prompt={prompt!r}"
 
-    monkeypatch.setattr(lmforge.api, "load", lambda *args, **kwargs: Echo())
+    monkeypatch.setattr(lmforge.infer.generate, "load", lambda *args, **kwargs: Echo())
     code, out, err = run(["generate", "--model", "ckpt", "--prompt", "--dry-run twice"], capsys)
     assert code == 0, err
     assert out.strip() == "prompt='--dry-run twice'"

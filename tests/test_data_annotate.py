@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from lmforge.data import PREDICTOR_LOADERS, annotate, merge_labels, validate
-from lmforge.data.annotate import check_row
+from lmforge.data.annotate import PREDICTOR_LOADERS, annotate, check_row, merge_labels, validate
 from lmforge.errors import ConfigError, DataError
 
 RULES = """
@@ -83,16 +82,19 @@ def test_a_trained_classifier_plugs_in_as_a_predict_callable(tmp_path, monkeypat
     ckpt.mkdir(parents=True)
     with pytest.raises(ConfigError, match="no classifier loader accepts"):
         annotate(src, ckpt, tmp_path / "b.jsonl")
-    # `lmforge.data.annotate` is the verb; the module is reached through sys.modules.
     monkeypatch.setattr(sys.modules["lmforge.data.annotate"], "PREDICTOR_LOADERS",
                         [lambda d: predict if d == ckpt else None])
     assert annotate(src, ckpt, tmp_path / "b.jsonl")["labels"] == {"pos": 1, "neg": 1}
     assert len(PREDICTOR_LOADERS) == 1  # the real registry is untouched by the test
 
 
-def test_a_finetune_classify_run_prelabels_with_its_predictions(make_checkpoint, tmp_path):
-    """`annotate --model runs/clf` labels each row as `lmforge predict` does, with that label's probability."""
-    from lmforge.finetune import finetune_classify, predict
+def test_a_finetune_classify_run_prelabels_with_its_predictions(make_checkpoint, tmp_path, monkeypatch):
+    """`annotate --model runs/clf` labels each row as `lmforge predict` does, with that label's probability,
+    loading the run once and writing no temporary files."""
+    import tempfile
+
+    import lmforge.checkpoint
+    from lmforge.methods.classify import finetune_classify, predict
 
     rows = [{"text": t, "label": lab} for t, lab in [("a lovely warm film", "pos"), ("dull and far too long", "neg"),
                                                      ("a joy to watch", "pos"), ("I walked out bored", "neg")] * 3]
@@ -100,16 +102,43 @@ def test_a_finetune_classify_run_prelabels_with_its_predictions(make_checkpoint,
     base = make_checkpoint("gpt2-tiny", out=tmp_path / "base", max_position_embeddings=64)
     run = finetune_classify(base, train, tmp_path / "clf", max_steps=2, batch_size=4, warmup_steps=1,
                             precision="32", progress=False)
-    src = _jsonl(tmp_path / "u.jsonl", [{"text": r["text"]} for r in rows[:4]])
-    assert main(["data", "annotate", "--input", str(src), "--model", str(run), "--output", str(tmp_path / "a.jsonl"),
-                 "--review-below", "1.01"]) == 0
-    labelled = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    src = _jsonl(tmp_path / "u.jsonl", [{"text": r["text"]} for r in rows[:6]])
     predict(run, src, tmp_path / "p.jsonl")
     expected = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+
+    loads = []
+    real_load = lmforge.checkpoint.load_model
+    monkeypatch.setattr(lmforge.checkpoint, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for name in ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryDirectory"):
+        monkeypatch.setattr(tempfile, name, lambda *a, _name=name, **k: pytest.fail(f"tempfile.{_name} called"))
+    assert main(["data", "annotate", "--input", str(src), "--model", str(run), "--output", str(tmp_path / "a.jsonl"),
+                 "--review-below", "1.01", "--batch-size", "4"]) == 0
+    assert len(loads) == 1 and not any(scratch.iterdir())  # two batches, one load, no temporary files
+    labelled = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert [r["label"] for r in labelled] == [e["label"] for e in expected]
     assert [r["confidence"] for r in labelled] == pytest.approx(  # annotate keeps 4 decimals
         [e["probabilities"][e["label"]] for e in expected], abs=1e-4)
-    assert len((tmp_path / "a.review.csv").read_text().splitlines()) == 5  # every row is below 1.01
+    assert len((tmp_path / "a.review.csv").read_text().splitlines()) == 7  # every row is below 1.01
+
+
+def test_a_regression_run_cannot_annotate(tmp_path, monkeypatch):
+    """A regress head predicts numbers, not labels: refused by name before any text is scored."""
+    from types import SimpleNamespace
+
+    import lmforge.checkpoint
+    from lmforge.model.heads import HeadConfig
+
+    run = tmp_path / "reg"
+    run.mkdir()
+    (run / lmforge.checkpoint.HEAD_CONFIG).write_text("{}")
+    loaded = SimpleNamespace(model=SimpleNamespace(config=HeadConfig(task="regress")))
+    monkeypatch.setattr(lmforge.checkpoint, "load_model", lambda *a, **k: loaded)
+    src = _jsonl(tmp_path / "u.jsonl", [{"text": "x"}])
+    with pytest.raises(ConfigError, match="'regress' head predicts numbers"):
+        annotate(src, run, tmp_path / "a.jsonl")
 
 
 def _review(tmp_path: Path, rows: list[list]) -> Path:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.api import LM
 from lmforge.cli import main
 from lmforge.errors import ConfigError
 from lmforge.eval.sandbox import Limits, run_python
+from lmforge.lm import LM
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
 
@@ -161,7 +161,7 @@ def test_a_classification_head_run_is_scored_through_predict(
         make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     """A `finetune classify` run evaluates the shipped sentiment task with the labels `lmforge predict` gives;
     a language-model task is skipped for it, with the reason in the report."""
-    from lmforge.finetune import finetune_classify, predict
+    from lmforge.methods.classify import finetune_classify, predict
 
     base = make_checkpoint("gpt2-tiny", out=tmp_path / "base", max_position_embeddings=64)
     data = TASKS / "data" / "sentiment.jsonl"

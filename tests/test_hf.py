@@ -174,7 +174,8 @@ def test_cli_convert_both_ways_and_every_verb_takes_an_hf_folder(tmp_path, tiny_
     directory = build_hf("qwen3", tmp_path / "qwen3", tiny_tokenizer_dir)
     assert main(["convert", "from-hf", str(directory), "--out", str(tmp_path / "q")]) == 0
     assert main(["convert", "to-hf", str(tmp_path / "q"), "--out", str(tmp_path / "hf")]) == 0
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(3))
+    assert (hf_logits(tmp_path / "hf", ids) - hf_logits(directory, ids)).abs().max() <= TOL  # the round trip
     text = tmp_path / "held_out.txt"
     text.write_text("the model learns to predict the next word from context. " * 20)
     assert main(["eval", "perplexity", "--model", str(directory), "--data", str(text)]) == 0

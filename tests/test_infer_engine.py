@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_generate import ScriptedModel, greedy_without_cache
 
-from lmforge.infer.beam import beam_search
+from lmforge.errors import ConfigError
 from lmforge.infer.engine import Engine, Output, Request
 from lmforge.infer.sampling import SamplingParams, min_p_filter, penalize
 from lmforge.model.gpt import GPT
@@ -47,7 +47,7 @@ def tokens_of(outputs: list[Output]) -> list[int]:
 
 
 def alone(model: GPT, prompt: list[int], params: SamplingParams) -> list[int]:
-    engine = Engine(model, max_batch=1)
+    engine = Engine(model, max_batch=params.num_beams)
     return tokens_of(run_all(engine, [Request(prompt, params, id="0")])["0"])
 
 
@@ -236,9 +236,8 @@ def test_beam_search_matches_transformers(num_beams):
         if expected and expected[-1] == eos:
             expected = expected[:-1]
         params = SamplingParams(num_beams=num_beams, length_penalty=length_penalty, max_new_tokens=10)
-        got = beam_search(ours, prompt, params, {eos}, max_new=10)
+        got = tokens_of(run_all(Engine(ours, eos_id=eos), [Request(prompt, params, id="0")])["0"])
         assert got == expected, length_penalty
-        assert tokens_of(run_all(Engine(ours, eos_id=eos), [Request(prompt, params, id="0")])["0"]) == expected
         results.add(tuple(got))
     assert len(results) > 1  # the penalty changed the winner somewhere
 
@@ -297,3 +296,120 @@ def test_penalized_requests_keep_their_own_history_when_rows_move():
     outputs = run_all(Engine(model, max_batch=3), requests)
     for i, r in enumerate(requests):
         assert tokens_of(outputs[str(i)]) == alone(model, r.prompt_ids, r.params)
+
+
+def hf_mistral_pair(tmp_path, window: int) -> tuple[torch.nn.Module, GPT]:
+    """A random tiny transformers Mistral with a short sliding window, and the same weights loaded as our GPT."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lmforge.model.hf import load_hf_model
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           sliding_window=window)
+    hf = MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3 if p.dim() >= 2 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    hf.save_pretrained(tmp_path)
+    ours, _ = load_hf_model(tmp_path)
+    assert ours.config.sliding_window == window
+    return hf.double(), ours.double().eval()
+
+
+def test_sliding_window_holds_when_rows_of_different_lengths_decode_together(tmp_path):
+    """Mistral-style attention to the last 4 positions only: prompts longer than the window, decoded in one
+    batch at different lengths, give the tokens each gives alone and transformers' step-by-step argmax."""
+    hf, ours = hf_mistral_pair(tmp_path, window=4)
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False)
+    prompts = [p for p in PROMPTS if len(p) > 4] + [[9, 8, 7, 6, 5]]
+    outputs = run_all(Engine(ours, max_batch=len(prompts)), [Request(p, params, id=str(i))
+                                                              for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        expected = greedy_without_cache(lambda ids: hf(ids).logits, prompt, 10)
+        assert tokens_of(outputs[str(i)]) == alone(ours, prompt, params) == expected, i
+
+
+def test_a_one_token_request_ends_with_one_output():
+    """max_new_tokens=1 ends in the prefill step with exactly one output, carrying the token and the finish."""
+    model = model64("gpt2-tiny")
+    params = SamplingParams(max_new_tokens=1, temperature=0, stop_at_eos=False)
+    outputs = run_all(Engine(model, max_batch=2), [Request(PROMPTS[0], params, id="0")])["0"]
+    assert [(len(o.token_ids), o.finish_reason) for o in outputs] == [(1, "length")]
+
+
+def test_beam_search_advances_one_token_per_step_beside_a_greedy_request():
+    """A beam request takes its rows in the running batch and moves one token per engine step, so a greedy
+    request added with it keeps producing tokens; both end as they would alone, the beams as transformers'."""
+    hf, ours = hf_gpt2_pair()
+    beam = Request(PROMPTS[0], SamplingParams(num_beams=3, max_new_tokens=8, stop_at_eos=False), id="0")
+    greedy = Request(PROMPTS[1], SamplingParams(max_new_tokens=8, temperature=0, stop_at_eos=False), id="1")
+    engine = Engine(ours, max_batch=4)
+    engine.add(beam)
+    engine.add(greedy)
+    outputs: dict[str, list[Output]] = {"0": [], "1": []}
+    for _ in range(3):
+        for out in engine.step():
+            outputs[out.request.id].append(out)
+    # each step: the prefill's token (first step only) and one decoded token, for the greedy row and the beams
+    assert len(tokens_of(outputs["1"])) == 4
+    assert not beam.finished and beam.beam.steps == 4 and len(beam.beam.running[0]) == 4
+    while engine.has_work:
+        for out in engine.step():
+            outputs[out.request.id].append(out)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=3,
+                               max_new_tokens=8, pad_token_id=0, eos_token_id=None)[0, len(PROMPTS[0]):].tolist()
+    assert tokens_of(outputs["0"]) == expected == alone(ours, beam.prompt_ids, beam.params)
+    assert tokens_of(outputs["1"]) == alone(ours, greedy.prompt_ids, greedy.params)
+
+
+def test_beam_and_greedy_requests_joining_and_leaving_keep_their_rows():
+    """Beams of different widths and greedy requests join at different steps, wait for enough free rows and
+    leave in any order (rows shift down or the last request fills the hole); each equals its run alone."""
+    _, ours = hf_gpt2_pair()
+    settings = [dict(max_new_tokens=2, temperature=0), dict(num_beams=3, max_new_tokens=9),
+                dict(max_new_tokens=5, temperature=0), dict(num_beams=2, max_new_tokens=6),
+                dict(max_new_tokens=4, temperature=0, repetition_penalty=1.5)]
+    requests = [Request(PROMPTS[i % len(PROMPTS)], SamplingParams(stop_at_eos=False, **s), id=str(i))
+                for i, s in enumerate(settings)]
+    outputs = run_all(Engine(ours, max_batch=6), requests, join_after={0: 0, 1: 0, 2: 0, 3: 1, 4: 3})
+    for i, r in enumerate(requests):
+        assert tokens_of(outputs[str(i)]) == alone(ours, r.prompt_ids, r.params), i
+        assert len(tokens_of(outputs[str(i)])) == r.params.max_new_tokens
+
+
+def test_default_max_model_len_fits_a_quarter_of_free_memory(monkeypatch, caplog):
+    """A 131k-context model (Llama-3.2-1B's shape, fp32) with 16 rows would need a 128 GiB cache; by default the
+    engine plans a shorter max_model_len whose cache fits a quarter of the free memory, and logs both. Built
+    on the meta device, so nothing is allocated."""
+    import logging
+
+    from lmforge.config import preset
+    from lmforge.infer import cache
+    from lmforge.infer.cache import GiB, kv_bytes
+
+    with torch.device("meta"):
+        model = GPT(preset("llama-3.2-1b"))
+    assert kv_bytes(model.config, 16, 131072, torch.float32) == 128 * GiB
+    monkeypatch.setattr(cache, "available_memory", lambda device: 64 * GiB)
+    with caplog.at_level(logging.INFO, logger="lmforge.infer"):
+        engine = Engine(model, max_batch=16)
+    assert engine.max_model_len == 16384
+    assert engine.cache_bytes == 16 * GiB == sum(t.numel() * t.element_size() for t in
+                                                 engine.cache.keys + engine.cache.values)
+    assert "max_model_len 16384" in caplog.text and "16.00 GiB" in caplog.text
+    small = conftest.random_gpt("gpt2-tiny", VOCAB)
+    assert Engine(small, max_batch=16).max_model_len == small.config.max_position_embeddings
+
+
+def test_a_request_longer_than_max_model_len_is_a_config_error():
+    model = model64("gpt2-tiny")
+    engine = Engine(model, max_batch=2, max_model_len=16)
+    engine.add(Request(PROMPTS[0], SamplingParams(max_new_tokens=9)))  # 7 + 9 fits exactly
+    with pytest.raises(ConfigError, match=r"needs 17 positions, more than max_model_len=16"):
+        engine.add(Request(PROMPTS[0], SamplingParams(max_new_tokens=10)))
+    with pytest.raises(ConfigError, match="max_model_len=999 must be between 1 and the model's context"):
+        Engine(model, max_model_len=999)

@@ -1,4 +1,4 @@
-"""Document readers, token packing and window loading: nothing lost, deterministic, resumable, shardable."""
+"""What pack reads, token packing and window loading: nothing lost, deterministic, resumable, shardable."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data import PackedDataset, WindowLoader, iter_documents, list_files, pack
+from lmforge.data.clean import Normalize
+from lmforge.data.filters import Filters
+from lmforge.data.pack import PackedDataset, pack
+from lmforge.data.readers import input_files, iter_texts
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.train.loaders import WindowLoader
 
-# `lmforge.data.pack` the attribute is the function; the module is only reachable by its import name.
+# `from lmforge.data.pack import pack` binds the function; the module is reached by its import name.
 pack_module = importlib.import_module("lmforge.data.pack")
 
 TEXTS = [
@@ -70,28 +74,30 @@ def read_split(out: Path, split: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=meta["dtype"])
 
 
-# --- document readers ---------------------------------------------------------------------------
+# --- what pack reads (lmforge.data.readers.iter_texts) -------------------------------------------
 
 
-def test_list_files_is_sorted_and_skips_hidden_cache_and_binary(tmp_path: Path) -> None:
+def test_folder_files_are_sorted_and_skip_hidden_cache_and_binary(tmp_path: Path) -> None:
     make_corpus(tmp_path)
-    files = [p.relative_to(tmp_path).as_posix() for p in list_files(tmp_path)]
+    files = [name for _, name in input_files(tmp_path, text_only=True)]
     assert files == ["empty.txt", "rows.jsonl", *(f"txt/{i}.txt" for i in range(len(TEXTS)))]
-    assert list_files(tmp_path, glob="*.jsonl") == [tmp_path / "rows.jsonl"]
+    assert input_files(tmp_path, glob="*.jsonl", text_only=True) == [(tmp_path / "rows.jsonl", "rows.jsonl")]
 
 
-def test_iter_documents_reads_text_files_whole_and_jsonl_per_line(tmp_path: Path) -> None:
+def test_iter_texts_reads_text_files_whole_and_jsonl_per_line(tmp_path: Path) -> None:
     docs = make_corpus(tmp_path)
-    assert Counter(iter_documents(tmp_path)) == Counter(docs)
+    assert Counter(iter_texts(tmp_path)) == Counter(docs)
 
 
-def test_missing_path_and_no_readable_files_are_data_errors(tmp_path: Path) -> None:
+def test_missing_path_no_readable_files_and_a_named_binary_file_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nowhere: no such file"):
-        list_files(tmp_path / "nowhere")
+        list(iter_texts(tmp_path / "nowhere"))
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "a.bin").write_bytes(b"\x00\x01")
     with pytest.raises(DataError, match="no readable text files"):
-        list_files(tmp_path / "bin")
+        list(iter_texts(tmp_path / "bin"))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'bin' / 'a.bin'}: not a text file")):
+        list(iter_texts(tmp_path / "bin" / "a.bin"))
 
 
 @pytest.mark.parametrize(
@@ -107,7 +113,7 @@ def test_bad_jsonl_rows_name_file_and_line(tmp_path: Path, line: str, message: s
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "ok"}\n' + line + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{path}:2: {message}")):
-        list(iter_documents(path))
+        list(iter_texts(path))
 
 
 def test_undecodable_text_file_is_an_error_not_replaced(tmp_path: Path) -> None:
@@ -115,7 +121,88 @@ def test_undecodable_text_file_is_an_error_not_replaced(tmp_path: Path) -> None:
     path = tmp_path / "late.txt"
     path.write_bytes(b"a" * 10_000 + b"\nbad \xff byte\n")
     with pytest.raises(DataError, match=re.escape(f"{path}:2: invalid UTF-8")):
-        list(iter_documents(path))
+        list(iter_texts(path))
+
+
+def _formats(root: Path, docs: list[str]) -> dict[str, Path]:
+    """The same documents as JSONL, CSV, TSV and Parquet, plus a `data clean` output folder of them."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.data.pipeline import clean
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {fmt: root / f"docs.{fmt}" for fmt in ("jsonl", "csv", "tsv", "parquet")}
+    paths["jsonl"].write_text("".join(json.dumps({"id": i, "text": d}, ensure_ascii=False) + "\n"
+                                      for i, d in enumerate(docs)), encoding="utf-8")
+    for fmt, delimiter in (("csv", ","), ("tsv", "\t")):
+        with open(paths[fmt], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter=delimiter)
+            writer.writerow(["id", "text"])
+            writer.writerows(enumerate(docs))
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), paths["parquet"])
+    paths["clean"] = root / "cleaned"
+    clean(paths["jsonl"], paths["clean"], filters=Filters(enabled=False), pii=False, exact_dedup=False,
+          normalize=Normalize(unicode=None, fix_mojibake=False, control_chars=False, whitespace=False),
+          compress=True, progress=False)
+    return paths
+
+
+FORMAT_DOCS = [*TEXTS, 'She said "hi, there", then left.', "two\nlines, \"quoted\"\n", "tab\tinside"]
+
+
+def test_csv_tsv_parquet_and_a_clean_folder_pack_to_the_tokens_of_the_same_jsonl(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """One reader for every verb: no CSV header or quotes in the text, Parquet read, not refused."""
+    paths = _formats(tmp_path / "in", FORMAT_DOCS)
+    tok = Tokenizer.load(tokenizer_dir)
+    packed = {}
+    for fmt, path in paths.items():
+        out = pack(path, tokenizer_dir, tmp_path / f"packed-{fmt}", workers=1, val_fraction=0.3)
+        packed[fmt] = [read_split(out, split) for split in ("train", "val")]
+    assert Counter(split_documents(np.concatenate(packed["jsonl"]), tok)) == Counter(FORMAT_DOCS)
+    for fmt in ("csv", "tsv", "parquet", "clean"):
+        assert all(np.array_equal(a, b) for a, b in zip(packed[fmt], packed["jsonl"], strict=True)), fmt
+
+
+def test_paragraph_text_unit_packs_one_document_per_block(tmp_path: Path, tokenizer_dir: Path) -> None:
+    (tmp_path / "book.txt").write_text("first block\nstill first\n\nsecond block\n", encoding="utf-8")
+    out = pack(tmp_path / "book.txt", tokenizer_dir, tmp_path / "packed", workers=1, val_fraction=0,
+               text_unit="paragraph")
+    tokens = read_split(out, "train")
+    assert split_documents(tokens, Tokenizer.load(tokenizer_dir)) == ["first block\nstill first\n", "second block\n"]
+    assert json.loads((out / "meta.json").read_text())["text_unit"] == "paragraph"
+
+
+def test_a_gz_zst_folder_packs_with_a_glob(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import gzip
+
+    import zstandard
+
+    lines = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in FORMAT_DOCS]
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    with gzip.open(tmp_path / "in" / "sub" / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(lines[:4])
+    (tmp_path / "in" / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(lines[4:]).encode()))
+    (tmp_path / "in" / "notes.txt").write_text("not matched by the glob", encoding="utf-8")
+    out = pack(tmp_path / "in", tokenizer_dir, tmp_path / "packed", workers=1, val_fraction=0, glob="*.jsonl.*")
+    docs = split_documents(read_split(out, "train"), Tokenizer.load(tokenizer_dir))
+    assert docs == FORMAT_DOCS[4:] + FORMAT_DOCS[:4]  # sorted paths: b.jsonl.zst before sub/a.jsonl.gz
+
+
+def test_bad_csv_and_a_missing_column_stop_pack_naming_file_and_line(tmp_path: Path, tokenizer_dir: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text('id,text\n1,fine\n2,"stray "quote",x\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{bad}:3: bad CSV")):
+        pack(bad, tokenizer_dir, tmp_path / "p1", workers=1)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("id,body\n1,fine\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{wrong}:1: column 'text' missing (found columns: ['id', 'body'])")):
+        pack(wrong, tokenizer_dir, tmp_path / "p2", workers=1)
+    assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
 
 
 # --- pack ----------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.api import LM
 from lmforge.data.pack import PackedDataset
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.perplexity import perplexity
+from lmforge.lm import LM
 
 BLOCK = 32
 SHORT = ["The cat sat on the mat.", "naïve café 你好 🙂"]
@@ -132,6 +132,22 @@ def test_no_text_to_score_is_a_data_error(lm: LM, tmp_path: Path, name: str, con
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=name):
         perplexity(lm, tmp_path / name, progress=False)
+
+
+def test_csv_and_parquet_score_exactly_as_the_same_jsonl(lm: LM, long_docs: list[str], tmp_path: Path) -> None:
+    """The shared reader gives eval the CSV's text column (no header, no quotes) and reads Parquet."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [*long_docs, 'a "quoted", comma-laden line']
+    with open(tmp_path / "docs.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([["id", "text"], *([i, d] for i, d in enumerate(docs))])
+    pq.write_table(pa.table({"text": docs}), tmp_path / "docs.parquet")
+    expected = perplexity(lm, write_docs(tmp_path / "docs.jsonl", docs), stride=BLOCK // 2, progress=False)
+    for name in ("docs.csv", "docs.parquet"):
+        assert perplexity(lm, tmp_path / name, stride=BLOCK // 2, progress=False) == expected, name
 
 
 def test_packed_dataset_is_scored_on_its_val_split(

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import uvicorn
 from fastapi import FastAPI
 
-from lmforge.api import LM
 from lmforge.infer.server import create_app
+from lmforge.lm import LM
 
 
 def exchange(method: str, url: str, body: bytes | dict | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -237,3 +237,49 @@ def test_beam_search_over_http_equals_the_python_api(client: openai.OpenAI, lm: 
     reply = client.completions.create(model="tiny", prompt="the cat", max_tokens=6,
                                       extra_body={"num_beams": 3, "length_penalty": 0.5})
     assert reply.choices[0].text == lm.generate("the cat", max_new_tokens=6, num_beams=3, length_penalty=0.5)
+
+
+def test_requests_beyond_max_model_len_are_400_naming_it(lm: LM) -> None:
+    """With max_model_len below the model's context, prompt + max_tokens beyond it gets OpenAI's 400
+    context_length_exceeded naming max_model_len; the cache holds only max_batch rows of that length."""
+    app = create_app(lm, name="tiny", max_batch=2, max_model_len=24)
+    engine = app.state.service.engine
+    assert engine.max_model_len == 24 < lm.config.max_position_embeddings
+    assert engine.cache.max_length == 24 and engine.cache.slots == 2
+    with running_server(app) as base:
+        status, _, raw = exchange("POST", f"{base}/v1/completions",
+                                  {"model": "tiny", "prompt": list(range(1, 21)), "max_tokens": 5})
+        assert status == 400, raw
+        error = json.loads(raw)["error"]
+        assert "max_model_len=24" in error["message"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+        status, _, raw = exchange("POST", f"{base}/v1/completions",
+                                  {"model": "tiny", "prompt": list(range(1, 21)), "max_tokens": 4})
+        assert status == 200 and json.loads(raw)["usage"]["total_tokens"] <= 24
+        models = json.loads(exchange("GET", f"{base}/v1/models")[2])
+        assert models["data"][0]["max_model_len"] == 24
+
+
+def test_a_greedy_request_decodes_while_a_beam_search_runs(lm: LM) -> None:
+    """Beam search no longer holds the engine: a greedy request submitted with a long beam search gets its
+    tokens in the same engine steps, and both replies equal the Python API's."""
+    from lmforge.infer.engine import Request
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.service import Service
+
+    svc = Service(lm, "tiny", max_batch=4, max_queue=4)
+    beam = Request(lm.tokenizer.encode("the cat"), SamplingParams(num_beams=3, max_new_tokens=30, stop_at_eos=False))
+    greedy = Request(lm.tokenizer.encode("a model"), SamplingParams(max_new_tokens=6, temperature=0,
+                                                                    stop_at_eos=False))
+    svc.engine.add(beam)
+    svc.engine.add(greedy)
+    texts = {beam.id: "", greedy.id: ""}
+    while not greedy.finished:
+        for out in svc.engine.step():
+            texts[out.request.id] += out.text
+    assert not beam.finished
+    while svc.engine.has_work:
+        for out in svc.engine.step():
+            texts[out.request.id] += out.text
+    assert texts[greedy.id] == lm.generate("a model", max_new_tokens=6, temperature=0, stop_at_eos=False)
+    assert texts[beam.id] == lm.generate("the cat", num_beams=3, max_new_tokens=30, stop_at_eos=False)

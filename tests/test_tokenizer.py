@@ -297,3 +297,60 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=re.escape(f"{corpus}:3: invalid JSON")):
         train_tokenizer(corpus, tmp_path / "tok", vocab_size=300)
     assert not (tmp_path / "tok").exists()
+
+
+def _same_corpus_in_every_format(root: Path) -> dict[str, Path]:
+    """write_corpus's JSONL documents (quotes, commas, newlines, CJK, emoji) as JSONL, CSV, TSV and Parquet."""
+    import csv
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = write_corpus(root / "jsonl") / "mixed.jsonl"
+    docs = [json.loads(line)["text"] for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    paths = {"jsonl": jsonl, "csv": root / "mixed.csv", "tsv": root / "mixed.tsv", "parquet": root / "mixed.parquet",
+             "csv.gz": root / "mixed.csv.gz"}
+    for fmt, delimiter in (("csv", ","), ("tsv", "\t")):
+        with open(paths[fmt], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter=delimiter)
+            writer.writerow(["text", "source"])
+            writer.writerows([d, "gen"] for d in docs)
+    paths["csv.gz"].write_bytes(gzip.compress(paths["csv"].read_bytes()))
+    pq.write_table(pa.table({"source": ["gen"] * len(docs), "text": docs}), paths["parquet"])
+    return paths
+
+
+def test_csv_tsv_parquet_and_gz_train_the_tokenizer_of_the_same_jsonl(tmp_path: Path) -> None:
+    """Every format is read as its text column: no CSV header, quotes or other columns leak into the vocabulary."""
+    paths = _same_corpus_in_every_format(tmp_path)
+    trained = {fmt: train_tokenizer(path, tmp_path / f"tok-{fmt}", vocab_size=400) for fmt, path in paths.items()}
+    expected = (trained["jsonl"] / "tokenizer.json").read_text(encoding="utf-8")
+    for fmt in ("csv", "tsv", "parquet", "csv.gz"):
+        assert (trained[fmt] / "tokenizer.json").read_text(encoding="utf-8") == expected, fmt
+    vocab = Tokenizer.load(trained["csv"]).hf.get_vocab()
+    assert not any("source" in piece or "gen" in piece for piece in vocab)
+
+
+def test_a_clean_folder_and_a_glob_select_what_the_tokenizer_reads(tmp_path: Path) -> None:
+    from lmforge.data.clean import Normalize
+    from lmforge.data.filters import Filters
+    from lmforge.data.pipeline import clean
+
+    corpus = write_corpus(tmp_path / "corpus")
+    (corpus / "notes.md").write_text("zzzz qqqq " * 50, encoding="utf-8")
+    clean(corpus / "mixed.jsonl", tmp_path / "cleaned", filters=Filters(enabled=False), pii=False,
+          exact_dedup=False, normalize=Normalize(unicode=None, fix_mojibake=False, control_chars=False,
+                                                 whitespace=False), progress=False)
+    direct = train_tokenizer(corpus / "mixed.jsonl", tmp_path / "direct", vocab_size=400)
+    for name, data, glob in (("globbed", corpus, "*.jsonl"), ("cleaned", tmp_path / "cleaned", None)):
+        out = train_tokenizer(data, tmp_path / name, vocab_size=400, glob=glob)
+        assert (out / "tokenizer.json").read_bytes() == (direct / "tokenizer.json").read_bytes(), name
+
+
+def test_missing_csv_column_names_file_and_line(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("title,body\nA,some text\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{corpus}:1: column 'text' missing")):
+        train_tokenizer(corpus, tmp_path / "tok", vocab_size=300)
+    assert not (tmp_path / "tok").exists()

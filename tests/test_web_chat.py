@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from lmforge.api import LM
 from lmforge.infer.server import create_app
+from lmforge.lm import LM
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from lmforge.data.readers import open_binary
+from lmforge.data.readers import Skip, read_rows
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_path
 
@@ -37,15 +37,25 @@ class Predictor(Protocol):
 
 
 def head_run_predictor(path: Path) -> Predictor | None:
-    """A `finetune classify` run: its most probable label and that label's probability."""
-    from lmforge.eval.classifier import HeadClassifier, is_head_run
+    """A `finetune classify` run, loaded once: its most probable label and that label's probability."""
+    # Imported here: only a head run needs torch and the model code, and `lmforge.data` must load without them.
+    import torch
 
-    if not is_head_run(path):
+    from lmforge.checkpoint import HEAD_CONFIG, load_model
+    from lmforge.model.heads import predict_texts
+
+    if not (Path(path) / HEAD_CONFIG).is_file():
         return None
-    classifier = HeadClassifier(path)
+    loaded = load_model(path, device="cuda" if torch.cuda.is_available() else "cpu")
+    head = loaded.model.config
+    if head.task != "classify":
+        raise ConfigError(f"{path}: a {head.task!r} head predicts numbers, not labels; "
+                          "annotation needs a `finetune classify` run")
 
     def predict(texts: Sequence[str]) -> list[tuple[str, float]]:
-        return [(label, probs[label]) for label, probs in classifier.predict(list(texts))]
+        probs = predict_texts(loaded.model, loaded.tokenizer, list(texts)).softmax(-1)
+        best = probs.argmax(-1).tolist()
+        return [(head.labels[k], float(row[k])) for k, row in zip(best, probs)]
 
     return predict
 
@@ -93,24 +103,6 @@ def check_row(row: Any, schema: Schema) -> str | None:
     return None
 
 
-def _rows(path: Path) -> Any:
-    """(line number, parsed row or error message) for every non-blank line of a JSONL file."""
-    try:
-        stream = open_binary(path)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with stream:
-        for line_no, raw in enumerate(stream, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line_no, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield line_no, DataError(f"invalid UTF-8 at byte {e.start} of the line")
-            except json.JSONDecodeError as e:
-                yield line_no, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
-
-
 def validate(path: Path, schema: Schema = "classification", *, max_listed: int = 100) -> dict[str, Any]:
     """Check a labelled JSONL file against a format; report every bad line and the class balance.
 
@@ -129,9 +121,9 @@ def validate(path: Path, schema: Schema = "classification", *, max_listed: int =
     bad: list[dict[str, Any]] = []
     labels: Counter = Counter()
     rows = 0
-    for line_no, row in _rows(path):
+    for line_no, row in read_rows(path, on_error="skip"):
         rows += 1
-        err = str(row) if isinstance(row, DataError) else check_row(row, schema)
+        err = row.detail if isinstance(row, Skip) else check_row(row, schema)
         if err:
             bad.append({"line": line_no, "error": err})
         elif schema == "classification":
@@ -228,7 +220,7 @@ def annotate(input: Path, model: Path, output: Path, *, review_below: float = 0.
     (row, text, label, confidence) for people to correct in a spreadsheet.
 
     Args:
-        input: Unlabeled JSONL with a text field.
+        input: Unlabeled rows with a text field: JSONL, or CSV/TSV/Parquet (optionally .gz/.zst).
         model: A rule file (YAML/JSON: labels → keywords / regex) or a trained classifier directory.
         output: Pre-labelled JSONL.
         review_below: Confidence under which a row is sent to review.
@@ -266,10 +258,8 @@ def annotate(input: Path, model: Path, output: Path, *, review_below: float = 0.
                     to_review += 1
             batch.clear()
 
-        for line_no, row in _rows(input):
-            if isinstance(row, DataError):
-                raise DataError(f"{input}:{line_no}: {row}")
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+        for line_no, row in read_rows(input):
+            if not isinstance(row.get(text_field), str):
                 raise DataError(f"{input}:{line_no}: field {text_field!r} missing or not a string")
             batch.append((line_no, row))
             if len(batch) >= batch_size:
@@ -301,25 +291,17 @@ def merge_labels(prelabeled: Path, reviewed: Path, output: Path, *, text_field: 
         Counts of rows, merged, changed labels and refused rows.
     """
     reviewed_rows: dict[int, tuple[int, str, str]] = {}
-    try:
-        with open(reviewed, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"row", "text", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise DataError(f"{reviewed}:1: columns {sorted(missing)} missing (found {reader.fieldnames})")
-            for rec in reader:
-                try:
-                    reviewed_rows[int(rec["row"])] = (reader.line_num, rec["text"], rec["label"].strip())
-                except (TypeError, ValueError):
-                    raise DataError(f"{reviewed}:{reader.line_num}: 'row' must be an integer, "
-                                    f"got {rec['row']!r}") from None
-    except OSError as e:
-        raise DataError(f"{reviewed}: cannot read ({e.strerror})") from None
+    for csv_line, rec in read_rows(reviewed):
+        missing = {"row", "text", "label"} - set(rec)
+        if missing:
+            raise DataError(f"{reviewed}:1: columns {sorted(missing)} missing (found {list(rec)})")
+        try:
+            reviewed_rows[int(rec["row"])] = (csv_line, rec["text"], str(rec["label"]).strip())
+        except (TypeError, ValueError):
+            raise DataError(f"{reviewed}:{csv_line}: 'row' must be an integer, got {rec['row']!r}") from None
     merged = changed = refused = rows = 0
     with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for line_no, row in _rows(Path(prelabeled)):
-            if isinstance(row, DataError):
-                raise DataError(f"{prelabeled}:{line_no}: {row}")
+        for line_no, row in read_rows(prelabeled):
             rows += 1
             key = row.get("row", line_no)
             if key in reviewed_rows:

@@ -18,18 +18,15 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from lmforge.data.datasets import iter_documents
+from lmforge.data.readers import TextUnit, iter_texts
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_bytes, atomic_write_json
 from lmforge.progress import Progress
 from lmforge.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    import torch
 
 FORMAT_VERSION = 1
 _BATCH_DOCS = 1024
@@ -164,6 +161,7 @@ def pack(
     *,
     field: str = "text",
     glob: str | None = None,
+    text_unit: TextUnit = "file",
     val_fraction: float = 0.01,
     workers: int | None = None,
     seed: int = 0,
@@ -176,11 +174,13 @@ def pack(
     a corpus of two or more documents always gets at least one validation document.
 
     Args:
-        data: A text or JSONL file, or a folder searched recursively for them.
+        data: A text, JSONL, CSV/TSV or Parquet file (optionally .gz/.zst), a folder searched recursively
+            for them, or a folder written by `data clean` / `data dedup`.
         tokenizer: Directory holding tokenizer.json (from `lmforge tokenizer train`, a checkpoint, or HF).
         out: Directory to create; refused if it exists and is not empty.
-        field: The JSON field holding the text in .jsonl files.
+        field: The JSONL field / CSV or Parquet column holding the text.
         glob: Only read files matching this pattern, e.g. "*.jsonl".
+        text_unit: For plain-text files: one document per "file" or per blank-line "paragraph" block.
         val_fraction: Fraction of documents held out for validation (0 for none).
         workers: Tokenizer processes; by default one per CPU core.
         seed: Changes which documents land in the validation split.
@@ -210,7 +210,8 @@ def pack(
     tmp.mkdir(parents=True)
     try:
         writers = {split: _ShardWriter(tmp, split, shard_tokens) for split in ("train", "val")}
-        _write_splits(data, field, glob, workers, (str(tok_dir), dtype, seed, val_fraction), writers)
+        texts = iter_texts(data, text_field=field, glob=glob, text_unit=text_unit)
+        _write_splits(texts, workers, (str(tok_dir), dtype, seed, val_fraction), writers)
         counts = {split: w.documents for split, w in writers.items()}
         if counts["train"] + counts["val"] == 0:
             raise DataError(f"{data}: no documents found (every file is empty)")
@@ -234,6 +235,7 @@ def pack(
                 "source": str(data),
                 "field": field,
                 "glob": glob,
+                "text_unit": text_unit,
                 "tokenizer": "tokenizer",
             },
         )
@@ -247,7 +249,7 @@ def pack(
 
 
 def _write_splits(
-    data: Path, field: str, glob: str | None, workers: int, init_args: tuple, writers: dict[str, _ShardWriter]
+    texts: Iterable[str], workers: int, init_args: tuple, writers: dict[str, _ShardWriter]
 ) -> None:
     """Route each document to its split, holding back the last one of each split for the fix-ups below."""
     val_fraction = init_args[3]
@@ -255,7 +257,7 @@ def _write_splits(
     documents = tokens = 0
     bar = Progress(None, "pack", unit="documents")
     for flat, lengths, is_val in _encoded(
-        _batches(iter_documents(data, field=field, glob=glob)), workers, init_args
+        _batches(texts), workers, init_args
     ):
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         for i, val in enumerate(is_val):
@@ -343,99 +345,3 @@ class PackedDataset:
             length -= len(piece)
             shard += 1
         return np.concatenate(pieces) if pieces else np.empty(0, dtype=self._shards[0].dtype)
-
-
-class WindowLoader:
-    """Batches of (block_size + 1)-token windows, every window once per epoch, shardable over ranks.
-
-    Window k covers tokens [k·block_size, (k+1)·block_size]; x is its first block_size tokens and y
-    the last block_size, so y[t] is the token after x[t]. Each epoch's order is a permutation drawn from
-    (seed, epoch) alone; global batch i is its windows [i·B·W, (i+1)·B·W) and rank r takes the r-th
-    B-slice, so W ranks together see exactly the batches one process with batch B·W would see.
-    """
-
-    def __init__(
-        self,
-        dataset: PackedDataset,
-        block_size: int,
-        batch_size: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-    ):
-        if block_size < 1 or batch_size < 1 or world_size < 1:
-            raise ConfigError(
-                f"block_size={block_size}, batch_size={batch_size}, world_size={world_size} must all be >= 1"
-            )
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.dataset = dataset
-        self.block_size, self.batch_size = block_size, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.n_windows = (dataset.num_tokens - 1) // block_size
-        global_batch = batch_size * world_size
-        if self.n_windows < global_batch:
-            per_rank = f" ({batch_size} per rank × {world_size} ranks)" if world_size > 1 else ""
-            raise DataError(
-                f"{dataset.path} ({dataset.split} split): {dataset.num_tokens} tokens is smaller than "
-                f"one batch of {global_batch}×{block_size}-token windows{per_rank}; "
-                "use a smaller --block-size/--batch-size or more data"
-            )
-        self.batches_per_epoch = self.n_windows // global_batch
-        self.epoch = 0
-        self.index = 0
-        self._order_epoch = -1
-        self._order = np.arange(self.n_windows)
-
-    def _epoch_order(self) -> np.ndarray:
-        if self.shuffle and self._order_epoch != self.epoch:
-            self._order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n_windows)
-            self._order_epoch = self.epoch
-        return self._order
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y), int64 tensors of shape [batch_size, block_size]; y is x shifted left by one token."""
-        import torch  # here, not at module top, so `data pack` worker processes start without torch
-
-        start = self.index * self.batch_size * self.world_size + self.rank * self.batch_size
-        windows = self._epoch_order()[start : start + self.batch_size]
-        rows = np.stack([self.dataset.window(int(w) * self.block_size, self.block_size + 1) for w in windows])
-        tokens = torch.from_numpy(rows.astype(np.int64))
-        self.index += 1
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "seed": self.seed,
-            "block_size": self.block_size,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the batch after the one last returned when `state` was taken."""
-        for key in ("block_size", "batch_size", "world_size"):
-            if state.get(key) != getattr(self, key):
-                raise DataError(
-                    f"cannot resume the data position: saved {key}={state.get(key)} but this run has "
-                    f"{key}={getattr(self, key)}; resume with the same setting"
-                )
-        index = int(state["index"])
-        if not 0 <= index < self.batches_per_epoch:
-            raise DataError(
-                f"cannot resume the data position: batch {index} of an epoch of {self.batches_per_epoch}; "
-                "was the dataset repacked?"
-            )
-        self.epoch, self.index, self.seed = int(state["epoch"]), index, int(state["seed"])
-        self._order_epoch = -1

@@ -1,6 +1,6 @@
 """Instruction-tuning data: read SFT formats, render them with the chat template, mask the loss, pack windows.
 
-Formats, one example per JSONL line (or CSV row):
+Formats, one example per JSONL line (or CSV / TSV / Parquet row, read by `lmforge.data.readers.read_rows`):
   chat        {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}    (OpenAI)
               {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}      (ShareGPT)
   Alpaca      {"instruction": ..., "input": ... (optional), "output": ...}  → one user and one assistant turn
@@ -12,59 +12,24 @@ rendering the conversation incrementally — the text up to a turn's generation 
 turn's end — and mapping those character spans onto tokens through the tokenizer's offsets, so any chat
 template whose renders are prefixes of each other works, whatever its markup.
 
-Packing: several examples share one window; each restarts its positions at 0 and attends only to
-itself through a block-diagonal causal mask, so a packed example computes exactly what it would alone.
+Packing several examples into one window happens at training time (`lmforge.train.loaders.SFTLoader`).
 """
 
 from __future__ import annotations
 
-import csv
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from lmforge.data.datasets import iter_jsonl_rows
+from lmforge.data.readers import read_rows
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
 
-IGNORE_INDEX = -100  # lmforge.train.loop.IGNORE_INDEX (not imported: data must load without the trainer)
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 TrainOn = Literal["all", "last"]
-
-
-def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-blank JSONL line or CSV row (line of the row's start)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            try:
-                if reader.fieldnames is None:  # reads the header line
-                    raise DataError(f"{path}: empty CSV file (no header row)")
-                line_no = reader.line_num + 1
-                for row in reader:
-                    if row and any(v for v in row.values() if v):
-                        if None in row:
-                            raise DataError(f"{path}:{line_no}: more fields than the header's {reader.fieldnames}")
-                        yield line_no, row
-                    line_no = reader.line_num + 1
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise DataError(f"{path}:{line_no}: unreadable CSV ({e})") from None
-        return
-    if not path.name.lower().endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
-        raise DataError(f"{path}: expected a .jsonl (optionally .gz / .zst) or .csv file")
-    yield from iter_jsonl_rows(path)
 
 
 def _text_field(row: dict[str, Any], key: str, where: str, optional: bool = False) -> str:
@@ -176,7 +141,7 @@ def load_sft(path: Path, tokenizer: Tokenizer, *, train_on: TrainOn = "all",
     if train_on not in ("all", "last"):
         raise ConfigError(f"train_on={train_on!r} is not one of 'all', 'last'")
     examples, cut, dropped = [], 0, 0
-    for line_no, row in read_records(Path(path)):
+    for line_no, row in read_rows(path):
         ex = to_example(row, f"{path}:{line_no}")
         example = encode_chat(tokenizer, ex, train_on) if isinstance(ex, list) else encode_completion(tokenizer, *ex)
         if max_length is not None and len(example.ids) > max_length:
@@ -192,109 +157,3 @@ def load_sft(path: Path, tokenizer: Tokenizer, *, train_on: TrainOn = "all",
     if not examples:
         raise DataError(f"{path}: no usable examples")
     return examples
-
-
-def block_diagonal_mask(segments: Tensor) -> Tensor:
-    """[B, 1, T, T] (True = attend): causal within each example (segment id > 0), nothing across examples.
-
-    Padding (segment 0) attends only to itself, so no softmax row is empty (which would be NaN).
-    """
-    same = segments[:, :, None] == segments[:, None, :]
-    T = segments.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    real = (segments > 0)[:, :, None]
-    eye = torch.eye(T, dtype=torch.bool, device=segments.device)
-    return ((same & causal & real) | eye)[:, None]
-
-
-def sft_loss(model: nn.Module, x: dict[str, Tensor], y: Tensor) -> Tensor:
-    """Cross-entropy over the assistant tokens of packed windows (position resets + block-diagonal mask)."""
-    logits = model(x["input_ids"], positions=x["positions"], attention_mask=block_diagonal_mask(x["segments"]))
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
-
-
-class SFTLoader:
-    """Batches of SFT windows: examples in a seeded order per epoch, packed next-fit into `block_size` tokens.
-
-    x is a dict: input_ids, positions (restart at 0 per example) and segments (1, 2, ... per example, 0
-    for padding); y holds the next token where it is a target, IGNORE_INDEX elsewhere. With pack=False
-    each window holds one example. The order, hence the packing, depends on (seed, epoch) alone, so the
-    state (epoch, index) resumes at the exact batch.
-    """
-
-    def __init__(self, examples: list[Example], block_size: int, batch_size: int, pad_id: int, *, seed: int = 0,
-                 pack: bool = True, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
-        if block_size < 2 or batch_size < 1:
-            raise ConfigError(f"block_size={block_size} must be at least 2 and batch_size={batch_size} at least 1")
-        too_long = [i for i, e in enumerate(examples) if len(e.ids) - 1 > block_size]
-        if too_long:
-            raise ConfigError(f"example {too_long[0]} has {len(examples[too_long[0]].ids)} tokens, more than "
-                              f"block_size+1={block_size + 1}; load it with max_length=block_size+1")
-        self.examples, self.block_size, self.batch_size, self.pad_id = examples, block_size, batch_size, pad_id
-        self.seed, self.pack, self.shuffle, self.rank, self.world_size = seed, pack, shuffle, rank, world_size
-        self.epoch, self.index = 0, 0
-        self._cached: tuple[int, list[list[int]]] | None = None
-        if self.batches_per_epoch < 1:
-            raise DataError(f"{len(examples)} examples make {len(self._windows())} windows of {block_size} tokens, "
-                            f"fewer than one batch of {batch_size * world_size}; use a smaller --batch-size")
-
-    def _windows(self) -> list[list[int]]:
-        if self._cached is not None and self._cached[0] == self.epoch:
-            return self._cached[1]
-        order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.examples)) if self.shuffle
-                 else np.arange(len(self.examples)))
-        windows: list[list[int]] = []
-        used = self.block_size
-        for i in map(int, order):
-            n = len(self.examples[i].ids) - 1
-            if self.pack and used + n <= self.block_size:
-                windows[-1].append(i)
-                used += n
-            else:
-                windows.append([i])
-                used = n
-        self._cached = (self.epoch, windows)
-        return windows
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self._windows()) // (self.batch_size * self.world_size)
-
-    def window(self, members: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        T = self.block_size
-        ids = torch.full((T,), self.pad_id, dtype=torch.long)
-        targets = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros(T, dtype=torch.long)
-        segments = torch.zeros(T, dtype=torch.long)
-        at = 0
-        for seg, i in enumerate(members, start=1):
-            ex = self.examples[i]
-            n = len(ex.ids) - 1
-            tokens = torch.tensor(ex.ids)
-            ids[at:at + n] = tokens[:-1]
-            targets[at:at + n] = torch.where(torch.tensor(ex.trained[1:]), tokens[1:], IGNORE_INDEX)
-            positions[at:at + n] = torch.arange(n)
-            segments[at:at + n] = seg
-            at += n
-        return ids, targets, positions, segments
-
-    def next_batch(self) -> tuple[dict[str, Tensor], Tensor]:
-        windows = self._windows()
-        start = self.index * self.batch_size * self.world_size + self.rank * self.batch_size
-        rows = [self.window(w) for w in windows[start:start + self.batch_size]]
-        self.index += 1
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        ids, targets, positions, segments = (torch.stack(t) for t in zip(*rows))
-        return {"input_ids": ids, "positions": positions, "segments": segments}, targets
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "block_size": self.block_size,
-                "batch_size": self.batch_size, "pack": self.pack, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "block_size", "batch_size", "pack", "world_size"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ConfigError(f"cannot resume: the run used {key}={state[key]}, this loader has "
-                                  f"{getattr(self, key)}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -1,18 +1,17 @@
 """A `finetune classify` run behind the harness's Classifier protocol (`predict(texts) -> [(label, probs)]`).
 
-It goes through the `predict` verb, the one path that turns texts into head outputs, so evaluation and
-`lmforge predict` can never disagree about tokenisation, truncation or pooling.
+It loads the run once through `load_model` and scores texts with `predict_texts`, the one path that turns
+texts into head outputs, so evaluation, `lmforge predict` and `data annotate` never disagree about
+tokenisation, truncation or pooling.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
-from lmforge.errors import CheckpointError, ConfigError
-
-HEAD_CONFIG = "head_config.json"
+from lmforge.checkpoint import HEAD_CONFIG, load_model
+from lmforge.errors import ConfigError
+from lmforge.model.heads import predict_texts
 
 
 def is_head_run(path: Path) -> bool:
@@ -20,26 +19,17 @@ def is_head_run(path: Path) -> bool:
 
 
 class HeadClassifier:
-    """Predictions of a classification head run directory, batched by `predict`."""
+    """Predictions of a classification head run directory, in batches."""
 
     def __init__(self, path: Path, *, device: str | None = None, batch_size: int = 32) -> None:
-        self.path, self.device, self.batch_size = Path(path), device, batch_size
-        try:
-            self.head = json.loads((self.path / HEAD_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path / HEAD_CONFIG}: unreadable ({e})") from None
-        if self.head.get("task") != "classify":
-            raise ConfigError(f"{self.path}: a {self.head.get('task')!r} head predicts numbers, not labels; "
+        self.path, self.batch_size = Path(path), batch_size
+        self.loaded = load_model(self.path, device=device)
+        self.head = self.loaded.model.config
+        if self.head.task != "classify":
+            raise ConfigError(f"{self.path}: a {self.head.task!r} head predicts numbers, not labels; "
                               "classification tasks need a `finetune classify` run")
 
     def predict(self, texts: list[str]) -> list[tuple[str, dict[str, float]]]:
-        from lmforge.finetune.classify import predict
-
-        field = self.head.get("text_field", "text")
-        with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as tmp:
-            data, out = Path(tmp) / "texts.jsonl", Path(tmp) / "predictions.jsonl"
-            data.write_text("".join(json.dumps({field: t}, ensure_ascii=False) + "\n" for t in texts),
-                            encoding="utf-8")
-            predict(self.path, data, out, batch_size=self.batch_size, device=self.device)
-            rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line]
-        return [(row["label"], row["probabilities"]) for row in rows]
+        probs = predict_texts(self.loaded.model, self.loaded.tokenizer, texts, self.batch_size).softmax(-1)
+        labels = self.head.labels
+        return [(labels[int(row.argmax())], {lab: round(float(p), 6) for lab, p in zip(labels, row)}) for row in probs]

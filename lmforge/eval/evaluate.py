@@ -86,14 +86,14 @@ def evaluate(
         seed: Seed for drawing few-shot examples and for sampling code completions.
         batch_size: Loglikelihood requests scored together.
         device: "cpu", "cuda", ...; default CUDA when present.
-        unsafe_no_sandbox: Run generated code without network and filesystem isolation where namespaces
-            are unavailable. Only for code you would run yourself.
+        unsafe_no_sandbox: Run generated code without bubblewrap's network and filesystem isolation (where
+            `bwrap` is not installed). Only for code you would run yourself.
         progress: Show progress lines.
 
     Returns:
         Each task's metrics and the report's path.
     """
-    from lmforge.api import LM, load
+    from lmforge.lm import LM, load
 
     paths = find_tasks([tasks] if isinstance(tasks, (str, Path)) else list(tasks or []))
     if task is not None and task != "perplexity":
@@ -177,7 +177,7 @@ def _is_lmforge_run(path: Path) -> bool:
 
 def append_metrics(checkpoint: Path, report: dict[str, Any], out: Path | None) -> None:
     """One line in the run's metrics.jsonl at the weights' training step: {"step", "eval/TASK/METRIC": value}."""
-    from lmforge.train.checkpoint import weights_step
+    from lmforge.checkpoint import weights_step
 
     record: dict[str, Any] = {"event": "eval", "time": report["created"]}
     try:
@@ -265,9 +265,12 @@ def compare(a: Path, b: Path) -> str:
 
 
 def _version() -> str:
-    import lmforge
+    from importlib.metadata import PackageNotFoundError, version
 
-    return getattr(lmforge, "__version__", "unknown")
+    try:
+        return version("lmforge")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _torch_version() -> str:

@@ -26,7 +26,7 @@ from lmforge.eval.tasks import CODE_STOP, Example, Task
 from lmforge.progress import Progress
 
 if TYPE_CHECKING:
-    from lmforge.api import LM
+    from lmforge.lm import LM
 
 
 @runtime_checkable
@@ -167,27 +167,26 @@ def run_loglikelihood(lm: LM, task: Task, contexts: list[str], *, batch_size: in
     return {"metrics": {m: values[m] for m in task.metrics}, "truncated": truncated, "details": details}
 
 
-def _generate(lm: LM, prompt: str, *, max_new_tokens: int, stop: list[str], temperature: float = 0.0,
-              seed: int | None = None) -> tuple[str, bool]:
-    """A completion and whether its prompt was cut to fit; generate's own per-prompt warning is counted instead."""
+def _generate(lm: LM, prompts: list[str], *, max_new_tokens: int, stop: list[str], temperature: float = 0.0,
+              seeds: list[int] | None = None) -> tuple[list[str], int]:
+    """Completions of all `prompts`, decoded as one batch by the LM's engine (each request keeps its own
+    stop strings and seed, so each equals its one-at-a-time completion), and how many prompts were cut to
+    fit; generate's own per-prompt warning is counted instead."""
     keep = max(1, lm.config.max_position_embeddings - max_new_tokens)
-    truncated = len(lm.tokenizer.encode(prompt)) > keep
+    truncated = sum(len(ids) > keep for ids in lm.tokenizer.encode_batch(prompts))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        text = lm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, seed=seed)
-    return text, truncated
+        texts = lm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, seed=seeds)
+    return texts, truncated
 
 
 def run_generation(lm: LM, task: Task, contexts: list[str], *, bar: Progress) -> dict:
     """Greedy completions scored against the references: SQuAD EM/F1 per example (best reference),
     BLEU/chrF/TER as sacrebleu corpus scores, ROUGE as rouge-score's mean F-measure (first reference)."""
     max_new, stop = task.options.get("max_new_tokens", 32), task.options.get("stop", ["\n"])
-    predictions, truncated = [], 0
-    for context in contexts:
-        text, cut = _generate(lm, context, max_new_tokens=max_new, stop=stop)
-        predictions.append(text.strip())
-        truncated += cut
-        bar.update(bar.done + 1)
+    texts, truncated = _generate(lm, contexts, max_new_tokens=max_new, stop=stop)
+    predictions = [text.strip() for text in texts]
+    bar.update(len(contexts))
     _warn_truncated(task, truncated, len(contexts), lm.config.max_position_embeddings)
     refs = [task.references(e) for e in task.examples]
     values: dict[str, float] = {}
@@ -244,14 +243,15 @@ def run_code(lm: LM, task: Task, contexts: list[str], *, seed: int, isolate: boo
     temperature = task.options.get("temperature", 0.0 if n == 1 else 0.8)
     max_new, stop = task.options.get("max_new_tokens", 128), task.options.get("stop", CODE_STOP)
     limits = Limits(timeout=float(task.options.get("timeout", 10)), memory_mb=task.options.get("memory_mb", 1024))
-    details, truncated, passed_counts = [], 0, []
+    prompts = [context for context in contexts for _ in range(n)]
+    seeds = [seed + 1000 * i + j for i in range(len(contexts)) for j in range(n)]
+    completions, truncated = _generate(lm, prompts, max_new_tokens=max_new, stop=stop, temperature=temperature,
+                                       seeds=seeds)
+    details, passed_counts = [], []
     for i, (example, context) in enumerate(zip(task.examples, contexts)):
         tests = str(example.doc[task.options["tests"]])
         runs = []
-        for j in range(n):
-            completion, cut = _generate(lm, context, max_new_tokens=max_new, stop=stop, temperature=temperature,
-                                        seed=seed + 1000 * i + j)
-            truncated += cut
+        for completion in completions[i * n:(i + 1) * n]:
             result = run_python(context + completion + "\n\n" + tests + "\n", limits, isolate=isolate)
             runs.append({"completion": completion, "status": result.status, "stderr": result.stderr[-2000:]})
             bar.update(bar.done + 1)

@@ -1,109 +1,15 @@
-"""Perplexity and bits per byte of a causal LM over text, with a sliding window for long inputs.
+"""`lmforge eval perplexity`: perplexity and bits per byte of a model on held-out text.
 
-Perplexity = exp(mean token NLL) depends on the tokenizer; bits per byte = total NLL / (ln 2 · UTF-8
-bytes) does not, so it compares models with different vocabularies (as in the Pile paper, Gao et al. 2020).
+The scoring itself (sliding windows, bits per byte) is `lmforge.infer.score`, which `LM.perplexity` calls too.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from lmforge.data.datasets import iter_documents
-from lmforge.errors import ConfigError, DataError
-from lmforge.progress import Progress
-from lmforge.train.precision import autocast
-
-if TYPE_CHECKING:
-    from lmforge.api import LM
-
-
-@dataclass
-class PerplexityResult:
-    perplexity: float
-    nll: float  # mean negative log-likelihood per scored token, in nats
-    bits_per_byte: float
-    tokens: int
-    bytes: int
-    block_size: int
-    stride: int
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
-
-
-def token_stream(lm: LM, data: Path, field: str = "text") -> tuple[list[int], list[bool], int]:
-    """Token ids [eos, doc₁, eos, doc₂, …], which targets to score (not the separators), and UTF-8 bytes.
-
-    The leading eos gives every document's first token a context, as a new document has in training.
-    A directory written by `lmforge data pack` contributes its val split.
-    """
-    eos = lm.tokenizer.eos_id
-    if (Path(data) / "meta.json").exists():
-        from lmforge.data.pack import PackedDataset
-
-        val = PackedDataset(Path(data), "val")
-        ids = [eos, *val.window(0, val.num_tokens).tolist()]
-        score = [t != eos for t in ids]
-        text_bytes = len(lm.tokenizer.decode([t for t in ids if t != eos]).encode("utf-8"))
-        return ids, score, text_bytes
-    ids, score, text_bytes = [eos], [False], 0
-    for doc in iter_documents(data, field=field):
-        doc_ids = lm.tokenizer.encode(doc)
-        ids += [*doc_ids, eos]
-        score += [True] * len(doc_ids) + [False]
-        text_bytes += len(doc.encode("utf-8"))
-    return ids, score, text_bytes
-
-
-@torch.no_grad()
-def sliding_nll(model: nn.Module, ids: list[int], score: list[bool], block_size: int, stride: int, *,
-                batch_size: int = 8, device: torch.device | str = "cpu", precision: str = "32",
-                progress: bool = True) -> tuple[float, int]:
-    """Summed NLL and count over scored targets; each target is scored once, with ≥ block_size−stride context.
-
-    Windows of `block_size` inputs advance by `stride`; a window scores only targets the previous one
-    did not, as in Hugging Face's perplexity guide.
-    """
-    n = len(ids)
-    windows: list[tuple[int, int, int]] = []  # (begin, end, first target index scored)
-    begin, scored_to = 0, 0
-    while scored_to < n - 1:
-        end = min(begin + block_size, n - 1)
-        windows.append((begin, end, scored_to + 1))
-        scored_to = end
-        begin += stride
-    tokens = torch.tensor(ids, dtype=torch.long)
-    mask = torch.tensor(score, dtype=torch.bool)
-    total, count = 0.0, 0
-    bar = Progress(len(windows), "perplexity", unit="windows", enabled=progress)
-    model.eval()
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
-        length = max(end - begin for begin, end, _ in chunk)
-        x = torch.zeros(len(chunk), length, dtype=torch.long)
-        y = torch.full((len(chunk), length), -100, dtype=torch.long)
-        for row, (begin, end, first) in enumerate(chunk):
-            x[row, :end - begin] = tokens[begin:end]
-            targets = tokens[begin + 1:end + 1].clone()
-            keep = mask[begin + 1:end + 1].clone()
-            keep[:first - begin - 1] = False
-            y[row, :end - begin] = torch.where(keep, targets, -100)
-        with autocast(precision, torch.device(device)):
-            logits = model(x.to(device))
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((y != -100).sum())
-        bar.update(min(i + batch_size, len(windows)))
-    bar.close()
-    return total, count
+from lmforge.lm import LM, load
 
 
 def perplexity(
@@ -122,8 +28,9 @@ def perplexity(
 
     Args:
         model: Checkpoint directory.
-        data: A text file, a folder of text files, a JSONL file, or a packed dataset (its val split).
-        field: JSONL field holding the text.
+        data: A text, JSONL, CSV/TSV or Parquet file (optionally .gz/.zst), a folder of them, or a packed
+            dataset (its val split).
+        field: The JSONL field / CSV or Parquet column holding the text.
         block_size: Tokens per window (default: the model's context).
         stride: Tokens the window advances; every token gets at least block_size − stride tokens of
             context (default: half the block).
@@ -135,25 +42,10 @@ def perplexity(
     Returns:
         perplexity, nll (nats per token), bits_per_byte, tokens and bytes scored, block_size, stride.
     """
-    from lmforge.api import LM, load
-
     lm = model if isinstance(model, LM) else load(model, device=device)
-    context = lm.config.max_position_embeddings
-    block_size = context if block_size is None else block_size
-    if not 0 < block_size <= context:
-        raise ConfigError(f"block_size={block_size} must be between 1 and the model's context ({context})")
-    stride = max(1, block_size // 2) if stride is None else stride
-    if not 0 < stride <= block_size:
-        raise ConfigError(f"stride={stride} must be between 1 and block_size={block_size}")
-    ids, score, text_bytes = token_stream(lm, Path(data), field)
-    if not any(score):
-        raise DataError(f"{data}: no text to score")
-    nll, count = sliding_nll(lm.model, ids, score, block_size, stride, batch_size=batch_size,
-                             device=lm.device, precision=precision, progress=progress)
-    result = PerplexityResult(perplexity=math.exp(nll / count), nll=nll / count,
-                              bits_per_byte=nll / (math.log(2) * text_bytes), tokens=count, bytes=text_bytes,
-                              block_size=block_size, stride=stride)
+    result = lm.perplexity(data, field=field, block_size=block_size, stride=stride, batch_size=batch_size,
+                           precision=precision, progress=progress)
     if progress:
-        print(f"perplexity {result.perplexity:.3f} | bits/byte {result.bits_per_byte:.4f} | "
-              f"{count:,} tokens", file=sys.stderr)
-    return result.to_dict()
+        print(f"perplexity {result['perplexity']:.3f} | bits/byte {result['bits_per_byte']:.4f} | "
+              f"{result['tokens']:,} tokens", file=sys.stderr)
+    return result

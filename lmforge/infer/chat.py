@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from lmforge.api import LM
+from lmforge.lm import LM
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /quit"
 
@@ -71,6 +71,7 @@ def chat(
     temperature: float | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    max_model_len: int | None = None,
     device: str | None = None,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated.
@@ -85,9 +86,12 @@ def chat(
         temperature: 0 is greedy; by default the checkpoint's generation_config.json.
         top_p: Nucleus sampling threshold.
         seed: Seed for reproducible replies.
+        max_model_len: Most tokens (conversation + reply) the KV cache holds; by default the model's context,
+            or less where it would not fit a quarter of the free memory. The cache grows with the conversation.
         device: "cpu", "cuda", ...; default CUDA when present.
     """
-    from lmforge.api import load
+    from lmforge.lm import load
 
     lm = load(model, device=device)
+    lm.max_model_len = max_model_len
     chat_loop(lm, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

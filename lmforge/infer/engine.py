@@ -2,7 +2,8 @@
 
 Each `step()` admits waiting requests into free cache rows and prefills them in one batched forward,
 then runs one batched decode forward over every running request, each at its own length, with its own
-sampling settings, seed, stop strings and token budget. Finished and cancelled requests leave between
+sampling settings, seed, stop strings and token budget. A beam search holds `num_beams` rows and
+advances one token per step like everything else. Finished and cancelled requests leave between
 steps and free their row at once, so a new request never waits for the slowest one in a batch
 (Yu et al. 2022, "Orca"). `lmforge.generate`, `LM.generate/stream/chat`, `lmforge chat` and the HTTP
 server all decode through this class.
@@ -10,6 +11,7 @@ server all decode through this class.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections import deque
@@ -21,12 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
-from lmforge.infer.beam import beam_search
-from lmforge.infer.cache import SlotCache
+from lmforge.infer.beam import BeamSearch
+from lmforge.infer.cache import GiB, SlotCache, available_memory, kv_bytes, plan_max_model_len
 from lmforge.infer.fast import decode_model
 from lmforge.infer.sampling import SamplingParams, sample_batch
 from lmforge.infer.text import TextStream, special_stop_ids
+from lmforge.model.gpt import causal_mask
 from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger("lmforge.infer")
 
 
 @dataclass
@@ -69,10 +74,16 @@ class Request:
     generator: torch.Generator | None = None
     text: TextStream | None = None
     stop_ids: set[int] = field(default_factory=set)
+    beam: BeamSearch | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def width(self) -> int:
+        """Cache rows it holds: one, or one per beam."""
+        return self.params.num_beams
 
 
 class Engine:
@@ -81,20 +92,24 @@ class Engine:
     Args:
         model: A decoder with `forward(idx, cache, positions=, attention_mask=)` and a `config`.
         tokenizer: Turns tokens into text and stop strings into stops; without one, outputs carry ids only.
-        max_batch: Most requests decoded together (cache rows).
-        max_length: Positions per row; the model's context by default.
+        max_batch: Most cache rows decoded together (a request takes one, a beam search one per beam).
+        max_model_len: Most positions (prompt + new tokens) per request. By default the model's context, or
+            less where `max_batch` rows of it would not fit a quarter of the free memory.
         eos_id: The end-of-sequence id when there is no tokenizer.
         fast: Decode through `decode_model`'s prepacked view (bf16 on CPU); False uses the model as it is.
+        preallocate: Allocate the whole cache now (a server: memory known at start); False grows it as
+            requests need, up to `max_batch` × `max_model_len` (one caller decoding short requests).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,
-                 max_length: int | None = None, eos_id: int | None = None, fast: bool = True) -> None:
+                 max_model_len: int | None = None, eos_id: int | None = None, fast: bool = True,
+                 preallocate: bool = True) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be at least 1")
-        self.model, self.tokenizer = decode_model(model) if fast else model, tokenizer
+        self.source, self.fast, self.tokenizer = model, fast, tokenizer
+        self.model = decode_model(model) if fast else model
         self.config = model.config
         self.context = self.config.max_position_embeddings
-        self.max_length = min(max_length or self.context, self.context)
         self.max_batch = max_batch
         self.eos_id = tokenizer.eos_id if tokenizer is not None and eos_id is None else eos_id
         # Tokens that end a sequence: eos, plus e.g. Llama 3's <|eot_id|> from generation_config.json
@@ -103,8 +118,13 @@ class Engine:
             self.end_ids.add(self.eos_id)
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
+        self.max_model_len = self._plan(max_model_len, preallocate)
+        self.cache_bytes = kv_bytes(self.config, max_batch, self.max_model_len, self.dtype)
+        log.log(logging.INFO if preallocate else logging.DEBUG, "max_model_len %d (model context %d): KV cache "
+                "%.2f GiB for %d rows", self.max_model_len, self.context, self.cache_bytes / GiB, max_batch)
         with torch.inference_mode():
-            self.cache = SlotCache(self.config, max_batch, self.max_length, self.device, self.dtype)
+            rows, length = (max_batch, self.max_model_len) if preallocate else (0, 0)
+            self.cache = SlotCache(self.config, rows, length, self.device, self.dtype)
         self._penalty_state: tuple[Tensor, Tensor] | None = None  # seen [B, V] and counts [B, V], made on first use
         self.running: list[Request] = []
         self.waiting: deque[Request] = deque()
@@ -112,23 +132,51 @@ class Engine:
         # The vocabulary head on the last position only: scoring every prompt position costs T×vocab for nothing.
         self._split_head = hasattr(model, "hidden") and hasattr(model, "lm_head")
 
+    def _plan(self, max_model_len: int | None, preallocate: bool) -> int:
+        """The chosen max_model_len, refused where the model or the memory cannot hold it."""
+        if max_model_len is None:
+            planned = plan_max_model_len(self.config, self.max_batch, self.device, self.dtype)
+            if planned < 1:
+                raise ConfigError(f"not enough free memory for a KV cache of max_batch={self.max_batch} rows; "
+                                  "lower max_batch")
+            return planned
+        if not 0 < max_model_len <= self.context:
+            raise ConfigError(f"max_model_len={max_model_len} must be between 1 and the model's context "
+                              f"({self.context})")
+        if preallocate:
+            wanted = kv_bytes(self.config, self.max_batch, max_model_len, self.dtype)
+            free = available_memory(self.device)
+            if wanted > free:
+                raise ConfigError(f"max_model_len={max_model_len} with max_batch={self.max_batch} needs a "
+                                  f"{wanted / GiB:.1f} GiB KV cache; {free / GiB:.1f} GiB is free: lower either")
+        return max_model_len
+
     # ----- requests in and out -----------------------------------------------------------------
 
     def add(self, request: Request) -> Request:
-        """Queue a request; it joins the running batch at the next step with a free row. Thread-safe."""
-        n = len(request.prompt_ids)
+        """Queue a request; it joins the running batch at the next step with free rows. Thread-safe."""
+        n, max_new = len(request.prompt_ids), request.params.max_new_tokens
         if n == 0:
             raise ConfigError("prompt is empty: the model needs at least one token to condition on")
-        if n > self.max_length or (request.params.max_new_tokens > 0 and n >= self.max_length):
-            raise ConfigError(f"prompt of {n} tokens leaves no room in the context of {self.max_length}")
+        if n + max_new > self.max_model_len:
+            more = "" if self.max_model_len == self.context else (
+                f"; the model's context is {self.context}, and a longer max_model_len needs more KV-cache memory")
+            raise ConfigError(f"prompt of {n} tokens + max_new_tokens={max_new} needs {n + max_new} positions, "
+                              f"more than max_model_len={self.max_model_len}{more}")
+        if request.width > self.max_batch:
+            raise ConfigError(f"num_beams={request.width} needs {request.width} batch rows; "
+                              f"max_batch is {self.max_batch}")
         if request.params.stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer to read the generated text")
-        request.budget = min(request.params.max_new_tokens, self.max_length - n)
+        request.budget = max_new
         if request.params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
         if self.tokenizer is not None:
             request.text = TextStream(self.tokenizer, request.params.stop)
             request.stop_ids = special_stop_ids(self.tokenizer, request.params.stop)
+        if request.width > 1:
+            ends = request.stop_ids | (self.end_ids if request.params.stop_at_eos else set())
+            request.beam = BeamSearch(request.params, ends, max_new)
         with self._lock:
             self.waiting.append(request)
         return request
@@ -145,13 +193,26 @@ class Engine:
         return bool(self.running or self.waiting)
 
     def generate(self, request: Request) -> Iterator[Output]:
-        """Add one request and step until it finishes, yielding its outputs (for single-caller use)."""
+        """Add one request and step until it finishes, yielding its outputs. Requests added by other callers
+        advance in the same steps and get their outputs through their own `on_output` (or `generate`)."""
+        pending: deque[Output] = deque()
+        chained = request.on_output
+
+        def keep(out: Output) -> None:
+            pending.append(out)
+            if chained is not None:
+                chained(out)
+
+        request.on_output = keep
         self.add(request)
         try:
-            while not request.finished:
-                for out in self.step():
-                    if out.request is request:
-                        yield out
+            while True:
+                while pending:
+                    out = pending.popleft()
+                    yield out
+                    if out.finish_reason is not None:
+                        return
+                self.step()
         finally:
             if not request.finished:
                 self.cancel(request.id)
@@ -177,19 +238,19 @@ class Engine:
                 self._release(r)
             new: list[Request] = []
             with self._lock:
-                while self.waiting and len(self.running) < self.max_batch:
+                rows = self._rows_before(len(self.running))
+                while self.waiting and rows + self.waiting[0].width <= self.max_batch:
                     r = self.waiting.popleft()
                     if r.cancelled:
                         outputs.append(self._finish(r, "cancelled"))
-                    elif r.params.num_beams > 1:
-                        new.append(r)  # beam search runs whole, in its own cache, below
                     else:
                         self.running.append(r)
                         new.append(r)
-            for r in [r for r in new if r.params.num_beams > 1]:
-                outputs.append(self._beam(r))
-            new = [r for r in new if r.params.num_beams == 1]
+                        rows += r.width
             if new:
+                self._reserve(rows)
+                if self.fast:  # weights may have changed since the last request (an optimizer step)
+                    self.model = decode_model(self.source)
                 self._prefill(new, outputs)
             if self.running:
                 self._decode(outputs)
@@ -201,6 +262,20 @@ class Engine:
             if out.request.on_output is not None:
                 out.request.on_output(out)
 
+    def _rows_before(self, i: int) -> int:
+        """The first cache row of running request i (rows are contiguous, in running order)."""
+        return sum(r.width for r in self.running[:i])
+
+    def _reserve(self, rows: int) -> None:
+        """Grow a cache that was not preallocated to hold `rows` rows and the longest running request
+        (doubling, so a caller's slowly growing requests reallocate only a few times)."""
+        need = max(len(r.prompt_ids) + r.budget + len(r.output_ids) for r in self.running)
+        if rows <= self.cache.slots and need <= self.cache.max_length:
+            return
+        slots = min(self.max_batch, max(rows, 2 * self.cache.slots))
+        length = min(self.max_model_len, max(need, 2 * self.cache.max_length))
+        self.cache.resize(max(slots, self.cache.slots), max(length, self.cache.max_length))
+
     def _logits(self, idx: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
         """Logits [B, V] at each row's final position."""
         if self._split_head:
@@ -209,15 +284,15 @@ class Engine:
         return self.model(idx, self.cache, positions=positions, attention_mask=mask)[:, -1]
 
     def _prefill(self, new: list[Request], outputs: list[Output]) -> None:
-        """All new prompts in one forward, right-padded to the longest: under the causal mask a real
-        position never sees padding, and padding written to the cache is masked until overwritten."""
-        first = len(self.running) - len(new)
+        """All new prompts in one forward, one row each, right-padded to the longest: under the causal mask a
+        real position never sees padding, and padding written to the cache is masked until overwritten. A
+        beam search's prompt row is then copied to each of its beams' rows."""
+        first = self._rows_before(len(self.running) - len(new))
         lengths = [len(r.prompt_ids) for r in new]
         T = max(lengths)
         idx = torch.zeros(len(new), T, dtype=torch.long)
         for i, r in enumerate(new):
             idx[i, :lengths[i]] = torch.tensor(r.prompt_ids)
-            self._reset_penalties(first + i, r)
         idx = idx.to(self.device)
         self.cache.prepare(slice(first, first + len(new)), [0] * len(new), T)
         positions = torch.arange(T, device=self.device)
@@ -230,6 +305,15 @@ class Engine:
         else:
             full = self.model(idx, self.cache, positions=positions)
             logits = full[rows, last]
+        starts = [first + sum(r.width for r in new[:i]) for i in range(len(new))]
+        for i in reversed(range(len(new))):  # back to front: a row is moved before anything lands on it
+            r, row = new[i], starts[i]
+            if row != first + i:
+                self.cache.move(first + i, row, lengths[i])
+            if r.width > 1:
+                self.cache.move(row, slice(row + 1, row + r.width), lengths[i])
+            else:
+                self._reset_penalties(row, r)
         prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         for i, r in enumerate(new):
             r.length = lengths[i]
@@ -237,33 +321,52 @@ class Engine:
                 n = lengths[i] - 1
                 row_logits = self.model.lm_head(hidden[i, :n]) if hidden is not None else full[i, :n]
                 prompt_logprobs[i] = [None, *self._token_logprobs(row_logits, r.prompt_ids[1:], r.prompt_logprobs)]
-        live = [(i, r) for i, r in enumerate(new) if r.budget > 0]
+        scoring = [i for i, r in enumerate(new) if r.budget == 0]  # echo with max_tokens=0
+        live = [i for i, r in enumerate(new) if r.budget > 0 and r.beam is None]
+        finished = [new[i] for i in scoring]
+        for i in [i for i, r in enumerate(new) if r.budget > 0 and r.beam is not None]:
+            finished += self._beam_step(new[i], logits[i:i + 1], starts[i], outputs)
         if live:
-            rows = torch.tensor([i for i, _ in live], device=logits.device)
             start = len(outputs)
-            self._sample([r for _, r in live], logits[rows], [first + i for i, _ in live], outputs)
-            for (i, _), out in zip(live, outputs[start:]):
+            finished += self._sample([new[i] for i in live], logits[torch.tensor(live, device=logits.device)],
+                                     [starts[i] for i in live], outputs)
+            for i, out in zip(live, outputs[start:]):
                 out.prompt_logprobs = prompt_logprobs.get(i)
-        for i, r in enumerate(new):
-            if r.budget == 0:  # scoring only (echo with max_tokens=0)
-                outputs.append(self._finish(r, "length", prompt_logprobs=prompt_logprobs.get(i)))
-                self._release(r)
+        for i in scoring:
+            outputs.append(self._finish(new[i], "length", prompt_logprobs=prompt_logprobs.get(i)))
+        for r in finished:
+            self._release(r)
 
     def _decode(self, outputs: list[Output]) -> None:
-        """Feed every running request its last sampled token, each at its own position."""
-        n = len(self.running)
-        starts = [r.length for r in self.running]
-        idx = torch.tensor([[r.next_token] for r in self.running], device=self.device)
+        """Feed every running row its last token (each beam its own), each at its request's position."""
+        ids: list[int] = []
+        starts: list[int] = []
+        for r in self.running:
+            feed = r.beam.feed if r.beam is not None else [r.next_token]
+            ids += feed
+            starts += [r.length] * len(feed)
+        idx = torch.tensor(ids, device=self.device)[:, None]
         positions = torch.tensor(starts, device=self.device)[:, None]
         mask = None
-        if any(s != starts[0] for s in starts):
-            span = torch.arange(max(starts) + 1, device=self.device)
-            mask = (span[None, :] <= positions)[:, None, None, :]
-        self.cache.prepare(slice(0, n), starts, 1)
+        if any(s != starts[0] for s in starts):  # rows at different lengths: each sees only its own positions
+            keys = torch.arange(max(starts) + 1, device=self.device)[None, :]
+            mask = causal_mask(positions, keys, getattr(self.config, "sliding_window", None))[:, None, None, :]
+        self.cache.prepare(slice(0, len(ids)), starts, 1)
         logits = self._logits(idx, positions, mask)
-        for r in self.running:
+        requests, singles, rows, row = list(self.running), [], [], 0
+        finished: list[Request] = []
+        for r in requests:
             r.length += 1
-        self._sample(list(self.running), logits, list(range(n)), outputs)
+            if r.beam is not None:
+                finished += self._beam_step(r, logits[row:row + r.width], row, outputs)
+            else:
+                singles.append(r)
+                rows.append(row)
+            row += r.width
+        if singles:
+            finished += self._sample(singles, logits[torch.tensor(rows, device=logits.device)], rows, outputs)
+        for r in finished:
+            self._release(r)
 
     # ----- choosing tokens and finishing ---------------------------------------------------
 
@@ -281,7 +384,9 @@ class Engine:
             counts[row] = 0
             seen[row, torch.tensor(r.prompt_ids, device=self.device)] = True
 
-    def _sample(self, requests: list[Request], logits: Tensor, rows: list[int], outputs: list[Output]) -> None:
+    def _sample(self, requests: list[Request], logits: Tensor, rows: list[int], outputs: list[Output]
+                ) -> list[Request]:
+        """Draw each request's next token from its row of `logits`; returns the requests that finished."""
         params = [r.params for r in requests]
         seen = counts = None
         if any(p.penalized for p in params):
@@ -293,12 +398,10 @@ class Engine:
             logprobs = None
             if r.params.logprobs is not None:
                 logprobs = self._token_logprobs(logits[i:i + 1], [token], r.params.logprobs)
-            out = self._accept(r, rows[i], token, logprobs)
-            outputs.append(out)
+            outputs.append(self._accept(r, rows[i], token, logprobs))
             if r.finished:
                 finished.append(r)
-        for r in finished:
-            self._release(r)
+        return finished
 
     def _accept(self, r: Request, row: int, token: int, logprobs: list[TokenLogprob] | None) -> Output:
         if token in r.stop_ids or (r.params.stop_at_eos and token in self.end_ids):
@@ -314,10 +417,30 @@ class Engine:
         out = Output(r, [token], text, logprobs)
         if r.text is not None and r.text.stopped:
             r.finish_reason = out.finish_reason = "stop"
-        elif r.budget == 0 or r.length >= self.max_length:
+        elif r.budget == 0 or r.length >= self.max_model_len:
             out.text += r.text.finish() if r.text is not None else ""
             r.finish_reason = out.finish_reason = "length"
         return out
+
+    def _beam_step(self, r: Request, logits: Tensor, row: int, outputs: list[Output]) -> list[Request]:
+        """Advance a beam search one token; its rows take their new beams' caches. The reply comes whole at
+        the end (a beam's tokens are not final until the search is), as one output; returns [r] then."""
+        order = r.beam.step(logits)
+        if not r.beam.done:
+            self.cache.reorder(row, torch.tensor(order, device=self.device), r.length)
+            return []
+        tokens = r.beam.best()
+        text = ""
+        for token in tokens:
+            r.output_ids.append(token)
+            text += r.text.push(token) if r.text is not None else ""
+            if r.text is not None and r.text.stopped:
+                break
+        text += r.text.finish() if r.text is not None else ""
+        stopped = (r.text is not None and r.text.stopped) or len(tokens) < r.budget
+        r.finish_reason = "stop" if stopped else "length"
+        outputs.append(Output(r, list(r.output_ids), text, finish_reason=r.finish_reason))
+        return [r]
 
     def _finish(self, r: Request, reason: str, **extra: object) -> Output:
         text = r.text.finish() if r.text is not None and reason in ("stop", "length") else ""
@@ -325,19 +448,30 @@ class Engine:
         return Output(r, [], text, finish_reason=reason, **extra)
 
     def _release(self, r: Request) -> None:
-        """Free a finished request's row; the last row moves into the hole so rows stay contiguous."""
+        """Free a finished request's rows. Rows stay contiguous: the last request moves into the hole when it
+        is as wide, else every later request shifts down."""
         with self._lock:
             if r not in self.running:
                 return
-            i, last = self.running.index(r), len(self.running) - 1
-            if i != last:
-                moved = self.running[last]
-                self.cache.move(last, i, moved.length)
-                if moved.params.penalized:
-                    for t in self._penalties():
-                        t[i] = t[last]
-                self.running[i] = moved
-            self.running.pop()
+            i = self.running.index(r)
+            row, last = self._rows_before(i), self.running[-1]
+            if last is not r and last.width == r.width:
+                self._move(last, self._rows_before(len(self.running) - 1), row)
+                self.running[i] = last
+                self.running.pop()
+                return
+            self.running.pop(i)
+            for moved in self.running[i:]:
+                self._move(moved, row + r.width, row)
+                row += moved.width
+
+    def _move(self, r: Request, src: int, dst: int) -> None:
+        """Copy a request's cache rows (and penalty state) from row `src` on to row `dst` on."""
+        for j in range(r.width):
+            self.cache.move(src + j, dst + j, r.length)
+        if r.beam is None and r.params.penalized:
+            for t in self._penalties():
+                t[dst] = t[src]
 
     def _token_logprobs(self, logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
         """log_softmax of the raw logits [N, V] at `tokens`, with the `top` most likely alternatives."""
@@ -349,19 +483,3 @@ class Engine:
         else:
             alts = [[] for _ in tokens]
         return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alts)]
-
-    def _beam(self, r: Request) -> Output:
-        """Beam search runs to the end at once in its own cache (it is deterministic, and its rows reorder
-        every step, which a shared batch cannot do cheaply)."""
-        ends = r.stop_ids | (self.end_ids if r.params.stop_at_eos else set())
-        tokens = beam_search(self.model, r.prompt_ids, r.params, ends, max_new=r.budget)
-        text = ""
-        for token in tokens:
-            r.output_ids.append(token)
-            text += r.text.push(token) if r.text is not None else ""
-            if r.text is not None and r.text.stopped:
-                break
-        text += r.text.finish() if r.text is not None else ""
-        stopped = (r.text is not None and r.text.stopped) or len(tokens) < r.budget
-        r.finish_reason = "stop" if stopped else "length"
-        return Output(r, list(r.output_ids), text, finish_reason=r.finish_reason)

@@ -22,10 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.api import LM
+from lmforge.infer.cache import GiB
 from lmforge.infer.engine import Output, Request
 from lmforge.infer.protocol import ChatRequest, CompletionRequest, error_body
 from lmforge.infer.service import APIError, Service, new_id, sse
+from lmforge.lm import LM
 
 log = logging.getLogger("lmforge.serve")
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
@@ -33,9 +34,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 256, shutdown_grace: float = 10.0) -> FastAPI:
+               max_queue: int = 256, max_model_len: int | None = None, shutdown_grace: float = 10.0) -> FastAPI:
     """The app serving `lm` as model `name`; its lifespan starts and (gracefully) stops the engine thread."""
-    svc = Service(lm, name, max_batch, max_queue)
+    svc = Service(lm, name, max_batch, max_queue, max_model_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -222,6 +223,7 @@ def serve(
     api_key: str | None = None,
     max_batch: int = 16,
     max_queue: int = 256,
+    max_model_len: int | None = None,
     name: str | None = None,
     device: str | None = None,
     dtype: Literal["float32", "bfloat16"] | None = None,
@@ -238,16 +240,23 @@ def serve(
         api_key: If set, /v1 requests must send `Authorization: Bearer API_KEY`.
         max_batch: Most requests decoded together.
         max_queue: Most requests waiting for a batch row; beyond it the server answers 429 with Retry-After.
+        max_model_len: Most tokens (prompt + max_tokens) per request; longer requests get a 400. By default
+            the model's context, or less where a KV cache of max_batch rows would not fit a quarter of the
+            free memory. The cache for max_batch rows of it is allocated at start.
         name: The model id clients send; the checkpoint directory's name by default.
         device: "cpu", "cuda", ...; default CUDA when present.
         dtype: Cast the weights: "bfloat16" halves their memory (and the bytes each decoded token reads).
     """
     import uvicorn
 
-    from lmforge.api import load
+    from lmforge.lm import load
 
     lm = load(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
     served = name or Path(model).resolve().name
-    app = create_app(lm, name=served, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(lm, name=served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     max_model_len=max_model_len)
+    engine = app.state.service.engine
+    print(f"max_model_len {engine.max_model_len} (model context {engine.context}): KV cache "
+          f"{engine.cache_bytes / GiB:.2f} GiB for {max_batch} rows", flush=True)
     print(f"serving {model} as model {served!r} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

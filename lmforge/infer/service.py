@@ -17,11 +17,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lmforge.api import LM
 from lmforge.errors import ConfigError
 from lmforge.infer.engine import Engine, Output, Request, TokenLogprob
 from lmforge.infer.metrics import Metrics
 from lmforge.infer.protocol import ChatRequest, CompletionRequest, SamplingFields, error_body
+from lmforge.lm import LM
 
 log = logging.getLogger("lmforge.serve")
 
@@ -89,12 +89,12 @@ class EngineRunner:
 class Service:
     """One served model: its engine thread, metrics, and the checks and formatting the routes share."""
 
-    def __init__(self, lm: LM, name: str, max_batch: int, max_queue: int) -> None:
+    def __init__(self, lm: LM, name: str, max_batch: int, max_queue: int, max_model_len: int | None = None) -> None:
         self.lm, self.name, self.tokenizer = lm, name, lm.tokenizer
-        self.engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch)
+        self.engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_model_len=max_model_len)
         self.runner = EngineRunner(self.engine, max_queue)
         self.metrics = Metrics(self.engine)
-        self.context = self.engine.max_length
+        self.context = self.engine.max_model_len
         self.created = int(time.time())
 
     # ----- checks -----------------------------------------------------------------------------
@@ -105,15 +105,16 @@ class Service:
                            param="model", code="model_not_found")
 
     def budget(self, body: SamplingFields, prompt_len: int, default: int | None) -> int:
-        """max_tokens, checked as OpenAI does: prompt + max_tokens must fit the context."""
+        """max_tokens, checked as OpenAI does: prompt + max_tokens must fit max_model_len (the context, or
+        less where the KV cache would not fit memory)."""
         wanted = body.max_completion_tokens if isinstance(body, ChatRequest) else None
         wanted = wanted if wanted is not None else body.max_tokens
         if wanted is None:
             wanted = default if default is not None else self.context - prompt_len
         if prompt_len + wanted > self.context or prompt_len >= self.context:
-            raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
-                                f"{prompt_len} and max_tokens asks for {wanted} more", param="max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens (max_model_len="
+                                f"{self.context}); the prompt has {prompt_len} and max_tokens asks for {wanted} more",
+                           param="max_tokens", code="context_length_exceeded")
         return wanted
 
     def prompts(self, body: CompletionRequest) -> list[list[int]]:

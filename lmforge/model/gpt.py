@@ -71,6 +71,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def causal_mask(q: Tensor, k: Tensor, window: int | None) -> Tensor:
+    """Query position q may see key position k (broadcast): k ≤ q, and within the last `window` positions
+    when attention slides (Mistral, Jiang et al. 2023)."""
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed
+
+
 def build_mask(T: int, start: int, padding: Tensor | None, window: int | None,
                    device: torch.device) -> Tensor | None:
     """Which keys each query may see, [B|1, 1, T, start+T] (True = attend); None when plain causal will do.
@@ -82,10 +91,7 @@ def build_mask(T: int, start: int, padding: Tensor | None, window: int | None,
         return None
     q = torch.arange(start, start + T, device=device)[:, None]
     k = torch.arange(start + T, device=device)[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed &= k > q - window
-    mask = allowed[None, None]
+    mask = causal_mask(q, k, window)[None, None]
     if padding is not None:
         mask = mask & padding[:, None, None, :].bool()
     return mask | (k == q)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
+from lmforge.tokenizer import Tokenizer
 
 Pooling = Literal["last", "cls", "mean"]
 
@@ -89,11 +90,59 @@ class SequenceHead(nn.Module):
         return self.score(self.dropout(self.pooled(input_ids, attention_mask)))
 
 
+def encode_texts(tokenizer: Tokenizer, texts: list[str], max_length: int, encoder: bool) -> list[list[int]]:
+    """Encoders get the tokenizer's own framing ([CLS] … [SEP]); decoders end each text with eos, the
+    position whose state the head reads. Cut to `max_length`, keeping the closing token."""
+    if encoder:
+        ids = [e.ids for e in tokenizer.hf.encode_batch(texts, add_special_tokens=True)]
+    else:
+        close = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+        ids = [t + close for t in tokenizer.encode_batch(texts)]
+    return [t if len(t) <= max_length else t[:max_length - 1] + t[-1:] for t in ids]
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    return next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+
+
+def pad_batch(ids: list[list[int]], pad: int) -> dict[str, Tensor]:
+    """Right-padded input_ids [B, T] and attention_mask (1 = real token) for texts of different lengths."""
+    width = max(len(t) for t in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, t in enumerate(ids):
+        input_ids[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[r, :len(t)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def predict_texts(net: SequenceHead, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> Tensor:
+    """Head outputs [N, classes] (logits) or [N, 1] (standardized regression) for texts, in batches.
+
+    The one path from texts to head outputs: `predict`, evaluation and `data annotate` all call it, so they
+    can never disagree about tokenisation, truncation or pooling.
+    """
+    net.eval()
+    device = next(net.parameters()).device
+    max_length = min(net.config.max_length, net.backbone.config.max_position_embeddings)
+    ids = encode_texts(tokenizer, texts, max_length, not is_decoder(net.backbone))
+    outputs = []
+    for start in range(0, len(ids), batch_size):
+        batch = pad_batch(ids[start:start + batch_size], pad_id(tokenizer))
+        outputs.append(net(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+    return torch.cat(outputs) if outputs else torch.zeros(0, net.config.num_outputs)
+
+
 def head_loss(model: nn.Module, x: dict[str, Tensor], y: Tensor, *, task: str,
-              class_weights: Tensor | None = None) -> Tensor:
-    """Cross-entropy (classify, optionally class-weighted) or mean squared error (regress) of a SequenceHead."""
+              class_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy (classify, optionally class-weighted) or squared error (regress) of a SequenceHead,
+    and what the sum is to be divided by: Σ w_y over the examples, their count when unweighted (the training
+    loop divides once per optimizer step, so a weighted mean spans all its micro-batches)."""
     out = model(x["input_ids"], x["attention_mask"]).float()
     if task == "classify":
-        weight = class_weights.to(out.device) if class_weights is not None else None
-        return F.cross_entropy(out, y, weight=weight)
-    return F.mse_loss(out[:, 0], y.float())
+        if class_weights is None:
+            return F.cross_entropy(out, y, reduction="sum"), torch.tensor(len(y), device=out.device)
+        weight = class_weights.to(out.device)
+        return F.cross_entropy(out, y, weight=weight, reduction="sum"), weight[y].sum()
+    return F.mse_loss(out[:, 0], y.float(), reduction="sum"), torch.tensor(len(y), device=out.device)

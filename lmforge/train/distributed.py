@@ -43,11 +43,10 @@ def init_distributed(device: str | None = None) -> Dist:
     return Dist(rank, world_size, local_rank, dev)
 
 
-def all_reduce_mean(value: torch.Tensor, ctx: Dist) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, ctx: Dist) -> torch.Tensor:
     if ctx.enabled:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= ctx.world_size
     return value
 
 

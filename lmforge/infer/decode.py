@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +47,9 @@ def fit_prompt(prompt: Tensor, max_new_tokens: int, context: int) -> tuple[Tenso
 
 
 def _outputs(model: nn.Module, tokenizer: Tokenizer | None, prompt_ids: list[int] | Tensor, params: SamplingParams,
-             eos_id: int | None = None) -> Iterator[Output]:
-    """One request through a private engine sized to it; the model is in eval mode only while it runs."""
+             eos_id: int | None = None, engine: Engine | None = None) -> Iterator[Output]:
+    """One request through `engine` (an LM's own), or a private engine sized to it; the model is in eval
+    mode only while it runs."""
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
     if prompt.dim() > 1 and prompt.shape[0] != 1:
         raise ConfigError(f"prompt_ids has shape {tuple(prompt.shape)}; generate_tokens takes one sequence")
@@ -56,7 +57,9 @@ def _outputs(model: nn.Module, tokenizer: Tokenizer | None, prompt_ids: list[int
     if max_new == 0:
         return
     params = dataclasses.replace(params, max_new_tokens=max_new)
-    engine = Engine(model, tokenizer, max_batch=1, max_length=prompt.numel() + max_new, eos_id=eos_id)
+    if engine is None:
+        engine = Engine(model, tokenizer, max_batch=params.num_beams, max_model_len=prompt.numel() + max_new,
+                        eos_id=eos_id)
     was_training = model.training
     model.eval()
     try:
@@ -78,12 +81,14 @@ def generate_tokens(model: nn.Module, prompt_ids: list[int] | Tensor, params: Sa
         yield from out.token_ids
 
 
-def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
+           engine: Engine | None = None) -> Iterator[str]:
     """Yield the generated text in pieces as tokens arrive, ending before any stop string.
 
     Pieces never split a multi-byte character and never show any of a stop string (see `TextStream`).
+    `engine` reuses a caller's engine (and its KV cache) instead of building one for this prompt.
     """
-    for out in _outputs(model, tokenizer, tokenizer.encode(prompt), params):
+    for out in _outputs(model, tokenizer, tokenizer.encode(prompt), params, engine=engine):
         if out.text:
             yield out.text
 
@@ -93,26 +98,46 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: Sampli
     return "".join(stream(model, tokenizer, prompt, params))
 
 
-def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams,
-                   max_batch: int = 16) -> list[str]:
+def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: list[str],
+                   params: SamplingParams | Sequence[SamplingParams], max_batch: int = 16,
+                   engine: Engine | None = None) -> list[str]:
     """Completions of many prompts, decoded together (continuous batching); each equals its own `generate`.
 
-    Prompts must fit the context with max_new_tokens; with a seed, prompt i samples with seed + i.
+    `params` is one setting for all (with a seed, prompt i samples with seed + i) or one per prompt. Each
+    prompt is fitted to the context as `generate` fits it. `engine` reuses a caller's engine.
     """
-    ids = tokenizer.encode_batch(prompts)
-    length = min(max(map(len, ids), default=1) + params.max_new_tokens, model.config.max_position_embeddings)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_length=length)
-    texts = [""] * len(prompts)
+    if isinstance(params, SamplingParams):
+        params = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                  for i in range(len(prompts))]
+    if len(params) != len(prompts):
+        raise ConfigError(f"{len(params)} sampling settings for {len(prompts)} prompts; give one, or one per prompt")
     requests = []
-    for i, prompt in enumerate(ids):
-        seed = None if params.seed is None else params.seed + i
-        requests.append(engine.add(Request(prompt, dataclasses.replace(params, seed=seed), id=str(i))))
+    for i, ids in enumerate(tokenizer.encode_batch(prompts)):
+        p = params[i]
+        prompt, max_new = fit_prompt(torch.tensor(ids, dtype=torch.long), p.max_new_tokens,
+                                     model.config.max_position_embeddings)
+        requests.append(Request(prompt.tolist(), dataclasses.replace(p, max_new_tokens=max_new), id=str(i)))
+    if engine is None:
+        length = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests) if requests else 1
+        widest = max((r.width for r in requests), default=1)
+        engine = Engine(model, tokenizer, max_batch=max(max_batch, widest), max_model_len=length)
+    texts = [""] * len(prompts)
+
+    def collect(out: Output) -> None:
+        texts[int(out.request.id)] += out.text
+
     was_training = model.training
     model.eval()
     try:
-        while engine.has_work:
-            for out in engine.step():
-                texts[int(out.request.id)] += out.text
+        for r in requests:
+            r.on_output = collect
+            engine.add(r)
+        while not all(r.finished for r in requests):
+            engine.step()
+    except BaseException:
+        for r in requests:
+            engine.cancel(r.id)
+        raise
     finally:
         model.train(was_training)
     return texts

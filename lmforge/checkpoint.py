@@ -1,0 +1,362 @@
+"""The checkpoint directory every stage reads and writes (DESIGN.md): the one module that knows its files.
+
+`load_model(path)` opens any model directory lmforge meets — our decoder or encoder checkpoint, a Hugging
+Face folder, a LoRA run (its base plus adapters) or a classify/regress run (backbone plus head) — and the
+`save_*` functions write them. Every verb loads and saves through here, so a format lives in one place.
+
+Each file is written to a temporary name and renamed into place. The slow part (serialising) happens
+before any rename, so a kill during a save leaves the previous checkpoint complete; weights and
+train state carry the step they belong to, and resuming refuses a pair whose steps disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.config import PRESETS, ModelConfig, preset, read_config_json
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_path, atomic_write_json, commit, temp_path_for
+from lmforge.model import hf
+from lmforge.model import lora as lora_lib
+from lmforge.model.bert import ENCODER_MODEL_TYPE, EncoderConfig
+from lmforge.model.heads import HeadConfig, SequenceHead
+from lmforge.model.quant import quantize_linears
+from lmforge.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+TRAIN_STATE = "train_state.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+GENERATION_CONFIG = "generation_config.json"
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
+SAMPLING_FROM_HF = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+Kind = Literal["decoder", "encoder", "lora", "head"]
+
+
+def _weights_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage) and without buffers."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        tensors[name] = param.detach().contiguous().cpu()
+    return tensors
+
+
+def save_checkpoint(out: Path, model: nn.Module, config: ModelConfig, *, tokenizer_dir: Path | None = None,
+                    generation_config: dict[str, Any] | None = None, train_state: dict[str, Any] | None = None,
+                    step: int = 0) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", config.to_dict())
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, out)
+    if generation_config is not None:
+        atomic_write_json(out / GENERATION_CONFIG, generation_config)
+    _save_pair(out, WEIGHTS, _weights_to_save(model), train_state, step)
+
+
+def weights_step(path: Path, name: str = WEIGHTS) -> int | None:
+    """The training step a weights file was saved at (safetensors metadata), None if it records none."""
+    with safe_open(str(Path(path) / name), framework="pt") as f:
+        step = (f.metadata() or {}).get("step")
+    return int(step) if step is not None else None
+
+
+def load_weights(model: nn.Module, ckpt: Path) -> None:
+    path = Path(ckpt) / WEIGHTS
+    tensors = _read_safetensors(path)
+    expected = dict(model.named_parameters())
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if n not in expected}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - tied)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match config.json (missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}); "
+            "was this directory written for another architecture?")
+    for name, param in expected.items():
+        if tensors[name].shape != param.shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"config.json implies {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(tensors[name])
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    """train_state.pt, refused when a weights file beside it (model, adapter or head) is from another step."""
+    path = Path(ckpt) / TRAIN_STATE
+    if not path.exists():
+        raise CheckpointError(f"{ckpt}: no {TRAIN_STATE}; this checkpoint cannot be resumed "
+                              "(it was exported or training finished without keeping state)")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    for name in (WEIGHTS, ADAPTER_WEIGHTS, HEAD_WEIGHTS):
+        if (Path(ckpt) / name).exists() and weights_step(ckpt, name) not in (None, state["step"]):
+            raise CheckpointError(f"{ckpt}: {name} is from step {weights_step(ckpt, name)} but {TRAIN_STATE} "
+                                  f"from step {state['step']}; the save was interrupted between its renames")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse to write a new run over anything: a run's files are never silently replaced."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        hint = " (it holds a checkpoint: pass --resume to continue it)" if (out / "config.json").exists() else ""
+        raise CheckpointError(f"{out}: output directory is not empty{hint}; choose another --out")
+
+
+def copy_tokenizer(src: Path, out: Path) -> None:
+    if Path(src).resolve() == Path(out).resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).exists():
+            with atomic_path(Path(out) / name) as tmp:
+                shutil.copyfile(Path(src) / name, tmp)
+
+
+def generation_from_hf(directory: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Our generation defaults from an HF model's generation_config.json (and its stop token ids)."""
+    path = Path(directory) / GENERATION_CONFIG
+    hf_gen = json.loads(path.read_text()) if path.is_file() else {}
+    out = {k: hf_gen[k] for k in SAMPLING_FROM_HF if hf_gen.get(k) is not None}
+    if hf_gen.get("do_sample") is False:
+        out["temperature"] = 0.0  # HF's greedy default
+    eos = hf_gen.get("eos_token_id", hf_config.get("eos_token_id"))
+    if eos is not None:
+        out["eos_token_id"] = eos if isinstance(eos, list) else [eos]
+    return out
+
+
+def generation_defaults(path: Path, tokenizer: Tokenizer) -> dict[str, Any]:
+    """A directory's decoding defaults: its generation_config.json (ours or HF's), else sampling at 0.8."""
+    path = Path(path)
+    if hf.is_hf_checkpoint(path):
+        return generation_from_hf(path, hf.read_hf_config(path))
+    if (path / GENERATION_CONFIG).is_file():
+        return json.loads((path / GENERATION_CONFIG).read_text())
+    return {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "eos_token_id": tokenizer.eos_id,
+            "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id}
+
+
+def read_config(directory: Path) -> ModelConfig | EncoderConfig:
+    """The model config of one of our checkpoint directories (decoder or encoder, by model_type)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; not a checkpoint directory (from `lmforge pretrain`, "
+                              "`lmforge finetune`, `lmforge convert` or a Hugging Face download)")
+    kind = read_config_json(path).get("model_type", "lmforge")
+    return EncoderConfig.load(path) if kind == ENCODER_MODEL_TYPE else ModelConfig.load(path)
+
+
+def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig:
+    """A preset name, a config.json, or a directory holding one."""
+    path = Path(model)
+    if str(model) in PRESETS:
+        return preset(str(model), **overrides)
+    if path.is_dir():
+        if hf.is_hf_checkpoint(path):  # continue from a Hugging Face download
+            config = hf.config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
+            if not isinstance(config, ModelConfig):
+                raise ConfigError(f"{model}: an encoder (BERT) cannot be trained as a language model here")
+            return config.replace(**overrides)
+        path = path / "config.json"
+    if path.is_file():
+        return ModelConfig.load(path).replace(**overrides)
+    raise ConfigError(f"model {str(model)!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+@dataclass
+class Loaded:
+    """What `load_model` found: the module, its config, tokenizer and decoding defaults, and what it was."""
+
+    model: nn.Module
+    config: ModelConfig | EncoderConfig
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any]
+    kind: Kind
+    path: Path
+    base: Path | None = None  # a LoRA run's base directory
+
+
+def kind_of(path: Path) -> Kind:
+    """What a model directory holds, from its files alone (nothing is loaded)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if (path / ADAPTER_CONFIG).is_file() and not (path / WEIGHTS).exists():
+        return "lora"
+    if (path / HEAD_CONFIG).is_file():
+        return "head"
+    if hf.is_hf_checkpoint(path):
+        return "encoder" if isinstance(hf.config_from_hf(hf.read_hf_config(path)), EncoderConfig) else "decoder"
+    return "encoder" if isinstance(read_config(path), EncoderConfig) else "decoder"
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               base: Path | None = None) -> Loaded:
+    """Open any model directory: ours (decoder or encoder), a Hugging Face folder, a LoRA run or a head run.
+
+    An HF folder (GPT-2, Llama, Mistral, Qwen2/3, BERT) converts in memory tensor by tensor; a LoRA run is its
+    base with the adapters attached (unmerged; `base` overrides the recorded base directory); a head run is
+    a `SequenceHead` on its fine-tuned backbone. The model comes back in eval mode, in `dtype` if given (else
+    as stored; HF weights default to float32), on `device` if given (else the CPU).
+    """
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "lora":
+        model, config, base = _load_lora(path, base)
+        tokenizer = Tokenizer.load(path if (path / TOKENIZER_FILES[0]).exists() else base)
+    elif hf.is_hf_checkpoint(path):
+        model, config = hf.load_hf_model(path, dtype)
+        tokenizer = Tokenizer.load(path)
+    else:
+        for name in ("config.json", WEIGHTS, TOKENIZER_FILES[0]):
+            if not (path / name).exists():
+                raise CheckpointError(f"{path}: {name} is missing; a checkpoint directory holds config.json, "
+                                      "model.safetensors and tokenizer.json")
+        config = read_config(path)
+        model = hf.build_model(config)
+        load_weights(model, path)
+        tokenizer = Tokenizer.load(path)
+    if kind == "head":
+        model = _attach_head(model, path)
+    generation_config = generation_defaults(path, tokenizer)
+    tokenizer.stop_ids |= set(_as_list(generation_config.get("eos_token_id")))
+    model.to(device=device, dtype=dtype)
+    return Loaded(model.eval(), config, tokenizer, generation_config, kind, path, base)
+
+
+def _as_list(value: Any) -> list[int]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _attach_head(backbone: nn.Module, path: Path) -> SequenceHead:
+    net = SequenceHead(backbone, HeadConfig.from_dict(read_config_json(path / HEAD_CONFIG)))
+    tensors = _read_safetensors(path / HEAD_WEIGHTS)
+    if tensors["weight"].shape != net.score.weight.shape:
+        raise CheckpointError(f"{path / HEAD_WEIGHTS}: head weight {tuple(tensors['weight'].shape)} does not fit "
+                              f"the backbone and labels ({tuple(net.score.weight.shape)})")
+    net.score.load_state_dict(tensors)
+    return net
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path.parent}: {path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def read_adapter_config(run: Path) -> dict[str, Any]:
+    path = Path(run) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{run}: no {ADAPTER_CONFIG}; not a LoRA run directory")
+    return read_config_json(path)
+
+
+def attach_lora(net: nn.Module, config: lora_lib.LoRAConfig, *, base_int8: bool, base: Path) -> dict[str, Any]:
+    """Quantize the base if asked, then add adapters; returns what adapter_config.json records."""
+    if base_int8:
+        quantize_linears(net)
+    plan = lora_lib.apply_lora(net, config)
+    return {**config.to_dict(), "base_model": str(Path(base).resolve()), "base_int8": base_int8,
+            "layers": {name: {t: list(rows) for t, rows in parts.items()} for name, parts in plan.items()},
+            "base_config": net.config.to_dict()}
+
+
+def load_decoder(path: Path, dtype: torch.dtype | None = None) -> Loaded:
+    """`load_model` for verbs that need a generative model: an encoder is refused by name."""
+    loaded = load_model(path, dtype=dtype)
+    if loaded.kind not in ("decoder", "lora"):
+        raise ConfigError(f"{path}: is {'an encoder' if loaded.kind == 'encoder' else 'a head run'}; this needs a "
+                          "decoder (a generative model). Use `lmforge finetune classify` for encoders")
+    return loaded
+
+
+def _load_lora(run: Path, base: Path | None) -> tuple[nn.Module, Any, Path]:
+    config = read_adapter_config(run)
+    base = Path(base or config["base_model"])
+    loaded = load_decoder(base, dtype=torch.float32)
+    lora = lora_lib.LoRAConfig(r=config["r"], alpha=config["alpha"], dropout=config["dropout"],
+                               targets=config["targets"])
+    attach_lora(loaded.model, lora, base_int8=config["base_int8"], base=base)
+    load_adapter(loaded.model, run)
+    return loaded.model, loaded.config, base
+
+
+def load_adapter(net: nn.Module, run: Path) -> None:
+    """The trained adapter weights of a LoRA run into a model that already has adapters attached."""
+    path = Path(run) / ADAPTER_WEIGHTS
+    lora_lib.load_adapter_state(net, _read_safetensors(path), str(path))
+
+
+def _save_pair(out: Path, weights_name: str, tensors: dict[str, torch.Tensor], train_state: dict[str, Any] | None,
+               step: int) -> None:
+    """A weights file and train_state.pt, both complete before either is renamed into place."""
+    weights_tmp, state_tmp = temp_path_for(out / weights_name), temp_path_for(out / TRAIN_STATE)
+    try:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt", "step": str(step)})
+        if train_state is not None:
+            torch.save({**train_state, "step": step}, state_tmp)
+        # Both files are complete before either becomes visible: only these renames are not serialising.
+        commit(weights_tmp, out / weights_name)
+        if train_state is not None:
+            commit(state_tmp, out / TRAIN_STATE)
+        else:
+            (out / TRAIN_STATE).unlink(missing_ok=True)  # a state from other weights must not linger
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        state_tmp.unlink(missing_ok=True)
+
+
+def save_adapter(out: Path, net: nn.Module, adapter_config: dict[str, Any], *, tokenizer_dir: Path,
+                 generation_config: dict[str, Any], train_state: dict[str, Any] | None = None, step: int = 0) -> None:
+    """A LoRA run directory: adapter.safetensors + adapter_config.json (naming the base), tokenizer, defaults."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / ADAPTER_CONFIG, adapter_config)
+    atomic_write_json(out / GENERATION_CONFIG, generation_config)
+    copy_tokenizer(tokenizer_dir, out)
+    _save_pair(out, ADAPTER_WEIGHTS, lora_lib.adapter_state_dict(net), train_state, step)
+
+
+def save_head(out: Path, net: SequenceHead, backbone_config: Any, *, tokenizer_dir: Path,
+              train_state: dict[str, Any] | None = None, step: int = 0) -> None:
+    """A head run: a whole checkpoint of the fine-tuned backbone plus head.safetensors and head_config.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / HEAD_CONFIG, net.config.to_dict())
+    with atomic_path(out / HEAD_WEIGHTS) as tmp:
+        tensors = {n: p.detach().contiguous().cpu() for n, p in net.score.named_parameters()}
+        save_file(tensors, str(tmp), metadata={"format": "pt", "step": str(step)})
+    save_checkpoint(out, net.backbone, backbone_config, tokenizer_dir=tokenizer_dir, train_state=train_state,
+                    step=step)

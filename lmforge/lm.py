@@ -1,0 +1,153 @@
+"""`LM`: a loaded model as one object — model, tokenizer and decoding defaults — and `lmforge.load`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.infer.decode import SamplingParams, generate_batch
+from lmforge.infer.decode import stream as stream_text
+from lmforge.infer.engine import Engine
+from lmforge.infer.score import perplexity_of
+from lmforge.infer.text import chat_prompt
+from lmforge.model.bert import Encoder
+from lmforge.model.gpt import GPT
+from lmforge.tokenizer import Tokenizer
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "num_beams", "length_penalty")
+ENGINE_ROWS = 16  # an LM's engine decodes up to this many prompts (or beams) of one `generate([...])` together
+
+
+class LM:
+    """A loaded model with its tokenizer; the methods are what applications call."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, generation_config: dict[str, Any] | None = None,
+                 path: Path | None = None) -> None:
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.generation_config = generation_config or {}
+        self.max_model_len: int | None = None  # most positions per request; None: as `Engine` chooses
+        self.engine: Engine | None = None  # made by the first generation, reused by every later one
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sampling(self, **overrides: Any) -> SamplingParams:
+        """Decoding settings: the checkpoint's generation_config.json, then `overrides` that are not None."""
+        settings = {k: v for k, v in self.generation_config.items() if k in SAMPLING_KEYS}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**settings)
+
+    def _engine(self) -> Engine:
+        """The one engine every generation of this LM runs through, made on first use. Its KV cache starts
+        empty and grows to what requests need, up to `max_model_len`, instead of a new cache per call; a new
+        engine is made only when the model, its device or dtype, or `max_model_len` changes."""
+        weight, engine = next(self.model.parameters()), self.engine
+        if (engine is None or engine.source is not self.model
+                or (engine.device, engine.dtype) != (weight.device, weight.dtype)
+                or self.max_model_len not in (None, engine.max_model_len)):
+            self.engine = Engine(self.model, self.tokenizer, max_batch=ENGINE_ROWS, max_model_len=self.max_model_len,
+                                 preallocate=False)
+        return self.engine
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Generated text in pieces as it is produced (never a split character)."""
+        return stream_text(self.model, self.tokenizer, prompt, self.sampling(**sampling), engine=self._engine())
+
+    def generate(self, prompt: str | list[str], **sampling: Any) -> str | list[str]:
+        """The completion of a prompt; for a list of prompts, their completions decoded as one batch.
+
+        For a list, `seed` may be a list too (one per prompt); one int seed gives prompt i seed + i.
+        """
+        if isinstance(prompt, list):
+            seed = sampling.pop("seed", None)
+            params = ([self.sampling(seed=s, **sampling) for s in seed] if isinstance(seed, list)
+                      else self.sampling(seed=seed, **sampling))
+            return generate_batch(self.model, self.tokenizer, prompt, params, engine=self._engine())
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
+        """The assistant's reply to a conversation, through the tokenizer's chat template."""
+        prompt, turn_end = chat_prompt(self.tokenizer, messages)
+        stop = list(sampling.pop("stop", None) or []) + turn_end
+        return self.generate(prompt, stop=stop, **sampling)
+
+    def chat_stream(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
+        """The assistant's reply in pieces as it is produced."""
+        prompt, turn_end = chat_prompt(self.tokenizer, messages)
+        stop = list(sampling.pop("stop", None) or []) + turn_end
+        return self.stream(prompt, stop=stop, **sampling)
+
+    @torch.no_grad()
+    def logprobs(self, text: str) -> list[tuple[str, float]]:
+        """Each token of `text` with log p(token | everything before it); the first is conditioned on eos."""
+        ids = [self.tokenizer.eos_id, *self.tokenizer.encode(text)]
+        ids = ids[-self.config.max_position_embeddings - 1:]
+        x = torch.tensor([ids[:-1]], device=self.device)
+        self.model.eval()
+        logp = F.log_softmax(self.model(x).float(), dim=-1)[0]
+        targets = torch.tensor(ids[1:], device=self.device)
+        values = logp.gather(-1, targets[:, None])[:, 0].tolist()
+        return [(self.tokenizer.decode([t]), v) for t, v in zip(ids[1:], values)]
+
+    def perplexity(self, data: str | Path, *, field: str = "text", block_size: int | None = None,
+                   stride: int | None = None, batch_size: int = 8, precision: str = "32",
+                   progress: bool = True) -> dict[str, float | int]:
+        """Perplexity and bits per byte on held-out text (a file, folder or packed dataset): see `eval perplexity`."""
+        return perplexity_of(self.model, self.tokenizer, Path(data), field=field, block_size=block_size,
+                             stride=stride, batch_size=batch_size, precision=precision, device=self.device,
+                             progress=progress).to_dict()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], *, normalize: bool = True, batch_size: int = 32) -> torch.Tensor:
+        """One vector per text [N, hidden] from an encoder, pooled as its config says (sentence embeddings).
+
+        Texts are truncated to the model's context; `normalize` gives unit vectors (cosine = dot product).
+        """
+        if not isinstance(self.model, Encoder):
+            raise ConfigError("embed needs an encoder model (BERT/MiniLM); this checkpoint is a decoder")
+        limit = self.model.config.max_position_embeddings
+        vectors = []
+        for start in range(0, len(texts), batch_size):
+            encodings = self.tokenizer.hf.encode_batch(texts[start:start + batch_size], add_special_tokens=True)
+            ids = [e.ids[:limit] for e in encodings]
+            width = max(len(i) for i in ids)
+            pad = self.model.config.pad_token_id
+            idx = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=self.device)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=self.device)
+            types = torch.tensor([e.type_ids[:limit] + [0] * (width - len(i)) for e, i in zip(encodings, ids)],
+                                 device=self.device)
+            pooled = self.model.pool(self.model(idx, types, mask), mask).float()
+            vectors.append(F.normalize(pooled, dim=-1) if normalize else pooled)
+        return torch.cat(vectors)
+
+    def save(self, out: str | Path) -> Path:
+        """Write a checkpoint directory (weights, config, tokenizer, generation defaults), without train state."""
+        out = Path(out)
+        save_checkpoint(out, self.model, self.config, generation_config=self.generation_config)
+        self.tokenizer.save(out)
+        return out
+
+
+def load(path: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None) -> LM:
+    """Load a checkpoint directory written by any lmforge stage, or a Hugging Face model folder.
+
+    An HF folder (GPT-2, Llama, Mistral, Qwen2/2.5, Qwen3, BERT) is converted in memory, tensor by
+    tensor; `lmforge convert from-hf` does the same once, to disk. A LoRA run loads as its base with the
+    adapters attached (unmerged); a classify/regress run as its fine-tuned backbone.
+    """
+    loaded = load_model(path, dtype=dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = loaded.model.backbone if loaded.kind == "head" else loaded.model
+    return LM(model, loaded.tokenizer, loaded.generation_config, Path(path))

@@ -1,0 +1,21 @@
+"""`lmforge models`: the built-in presets with their sizes."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.config import PRESETS, preset
+from lmforge.model.gpt import GPT
+
+
+def models() -> str:
+    """List the built-in model presets with their sizes."""
+    rows = ["preset                family  layers  width  heads  kv  context  params"]
+    for name in PRESETS:
+        c = preset(name)
+        with torch.device("meta"):
+            n = GPT(c).num_params()
+        rows.append(f"{name:<21} {c.family:<7} {c.num_hidden_layers:>6} {c.hidden_size:>6} "
+                    f"{c.num_attention_heads:>6} {c.num_key_value_heads:>3} {c.max_position_embeddings:>8} "
+                    f"{n / 1e6:>6.1f}M")
+    return "\n".join(rows)
