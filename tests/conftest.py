@@ -6,10 +6,15 @@ their own `tmp_path`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -94,6 +99,23 @@ def random_gpt(name: str, vocab_size: int, *, seed: int = 0, std: float | None =
     return model.eval()
 
 
+@torch.no_grad()
+def greedy_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
+                stop_ids: set[int]) -> str:
+    """A reference for greedy decoding: argmax of a full forward over the whole sequence at every step (no KV
+    cache, no engine), ending before any of `stop_ids`, decoded as a user sees it (special tokens skipped)."""
+    was_training = model.training
+    model.eval()
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(model(torch.tensor([[*prompt_ids, *new]]))[0, -1].argmax())
+        if token in stop_ids:
+            break
+        new.append(token)
+    model.train(was_training)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
 @pytest.fixture(scope="session")
 def make_lm(tiny_tokenizer: Tokenizer) -> Callable[..., LM]:
     """Factory: `make_lm("gpt2-tiny", max_position_embeddings=32)` → an in-memory LM with the tiny tokenizer."""
@@ -115,3 +137,27 @@ def make_checkpoint(make_lm: Callable[..., LM], tmp_path_factory: pytest.TempPat
         return make_lm(name, **kwargs).save(out)
 
     return make
+
+
+@contextlib.contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """uvicorn serving a FastAPI `app` on a free loopback port in a thread; yields the base URL and stops it
+    gracefully (the server tests and the evaluation of endpoints both use it)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()

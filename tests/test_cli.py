@@ -12,6 +12,7 @@ from pathlib import Path
 import docstring_parser
 import pytest
 
+import lmforge
 import lmforge.infer.generate
 from lmforge.cli import main, verbs
 from lmforge.config import PRESETS
@@ -26,6 +27,8 @@ VERB_ARGS = {
     "finetune classify": ["finetune", "classify"],
     "finetune regress": ["finetune", "regress"],
     "eval perplexity": ["eval", "perplexity"],
+    "export gguf": ["export", "gguf"],
+    "export onnx": ["export", "onnx"],
     "generate": ["generate"],
     "demo": ["demo"],
     "models": ["models"],
@@ -66,6 +69,7 @@ def test_help_shows_the_docstring_summary_and_argument_descriptions(
     assert (len(doc.params) > 0) == (verb != "models")
 
 
+@pytest.mark.slow
 def test_installed_script_help_lists_the_verbs() -> None:
     """The `lmforge` console script (what pip installs) runs, exits 0 on --help and names every verb."""
     script = Path(sys.executable).with_name("lmforge")
@@ -160,11 +164,14 @@ def test_lmforge_error_exits_2_with_message_and_no_traceback(
 
 
 def test_models_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
-    """`lmforge models` prints a header and then one row per preset, in the preset table's order."""
+    """`lmforge models` prints a header and then one row per preset, in the preset table's order; then the
+    baselines (LSTM presets, n-gram orders)."""
     code, out, _ = run(["models"], capsys)
     assert code == 0
-    listed = [line.split()[0] for line in out.strip().splitlines()[1:]]
+    transformers, baselines = out.strip().split("\n\n")
+    listed = [line.split()[0] for line in transformers.splitlines()[1:]]
     assert listed == list(PRESETS)
+    assert [line.split()[0] for line in baselines.splitlines()[1:]] == ["lstm-tiny", "lstm-small", "ngram-N"]
 
 
 @pytest.mark.slow
@@ -193,15 +200,13 @@ def test_cli_chain_tokenizer_pack_pretrain_eval_generate(
     code, out, err = run(["eval", "perplexity", "--model", str(ckpt), "--data", str(packed), "--block-size", "32",
                           "--progress", "false", "--device", "cpu"], capsys)
     assert code == 0, err
-    result = json.loads(out)
-    assert result["perplexity"] > 1.0 and result["tokens"] > 0
+    lm = lmforge.load(ckpt, device="cpu")  # the trained checkpoint's numbers, as the Python API computes them
+    assert json.loads(out) == lm.perplexity(packed, block_size=32, progress=False)
 
     code, out, err = run(["generate", "--model", str(ckpt), "--prompt", "The model", "--seed", "0",
                           "--max-new-tokens", "5", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert out.endswith("\n")  # the completion, printed as one string (seeded, so the same every time)
-    assert out == run(["generate", "--model", str(ckpt), "--prompt", "The model", "--seed", "0",
-                       "--max-new-tokens", "5", "--device", "cpu"], capsys)[1]
+    assert out == lm.generate("The model", seed=0, max_new_tokens=5) + "\n"  # the completion, as one string
 
 
 def test_dotted_options_take_dashes_too() -> None:
@@ -213,7 +218,8 @@ def test_dotted_options_take_dashes_too() -> None:
 
 @pytest.mark.parametrize("argv, expected", [
     (["convert", "from-hf", "hf/", "--out", "o"], ["convert", "from-hf", "--path", "hf/", "--out", "o"]),
-    (["eval", "compare", "a.json", "b.json"], ["eval", "compare", "--a", "a.json", "--b", "b.json"]),
+    (["eval", "compare", "a.json", "b.json", "c.json"],
+     ["eval", "compare", "--reports", '["a.json", "b.json", "c.json"]']),
     (["data", "merge-labels", "p.jsonl", "r.csv", "--output", "x"],
      ["data", "merge-labels", "--prelabeled", "p.jsonl", "--reviewed", "r.csv", "--output", "x"]),
     (["merge-lora", "--adapter", "runs/l"], ["merge-lora", "--adapter", "runs/l"]),

@@ -17,7 +17,7 @@ import lmforge
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.model.bert import Encoder
 
-DATA = Path(__file__).resolve().parent.parent / "datasets" / "wordnet_topics"
+DATA = Path(__file__).resolve().parents[2] / "datasets" / "wordnet_topics"
 SETTINGS = dict(max_steps=20, batch_size=8, lr=2e-4, warmup_steps=2, max_length=32, precision="32", progress=False,
                 seed=0)
 

@@ -27,16 +27,18 @@ def _jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-@pytest.mark.parametrize("schema, good, bad", [
-    ("classification", {"text": "t", "label": "a"}, {"text": "t"}),
-    ("pairs", {"source": "s", "target": "t"}, {"source": "s", "target": ""}),
-    ("qa", {"context": "c", "question": "q", "answers": ["a"]}, {"context": "c", "question": "q", "answers": "a"}),
+@pytest.mark.parametrize("schema, good, bad, problem", [
+    ("classification", {"text": "t", "label": "a"}, {"text": "t"}, "field 'label' missing"),
+    ("pairs", {"source": "s", "target": "t"}, {"source": "s", "target": ""}, "field 'target' missing"),
+    ("qa", {"context": "c", "question": "q", "answers": ["a"]}, {"context": "c", "question": "q", "answers": "a"},
+     "field 'answers' must be a non-empty list of strings"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-     {"messages": [{"role": "user", "content": "hi"}]}),
+     {"messages": [{"role": "user", "content": "hi"}]}, "no 'assistant' message"),
 ])
-def test_each_format_accepts_good_rows_and_names_the_problem_with_bad_ones(schema, good, bad):
+def test_each_format_accepts_good_rows_and_names_the_problem_with_bad_ones(schema, good, bad, problem):
     assert check_row(good, schema) is None
-    assert isinstance(check_row(bad, schema), str)
+    assert problem in check_row(bad, schema)
+    assert check_row([good], schema) == "expected a JSON object, got list"
 
 
 def test_validate_reports_every_bad_line_and_the_class_balance(tmp_path, capsys):

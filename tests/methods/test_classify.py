@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from lmforge.model.heads import HeadConfig, SequenceHead, head_loss
 SMALL = dict(batch_size=8, warmup_steps=2, precision="32", log_every=1, progress=False, max_length=32)
 ANIMALS = ["cat", "dog", "horse", "bird", "fish"]
 THINGS = ["table", "window", "token", "layer", "batch"]
+FILLER = ["the", "a", "on", "mat", "sat", "while", "for", "in", "and", "to", "from", "next", "context", "data"]
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -30,13 +32,32 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def labelled_rows(per_word: int, seed: int) -> list[dict]:
+    """Each word of ANIMALS + THINGS in `per_word` random sentences of filler words; the label says which list it
+    is from and the score is its length, so only that one word decides both."""
+    rng = random.Random(seed)
+    rows = []
+    for w in ANIMALS + THINGS:
+        for _ in range(per_word):
+            words = rng.choices(FILLER, k=5)
+            words.insert(rng.randrange(6), w)
+            rows.append({"text": " ".join(words), "label": "animal" if w in ANIMALS else "thing", "score": len(w)})
+    return rows
+
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
     """Texts that mention an animal or a thing; the label says which."""
-    root = tmp_path_factory.mktemp("labelled")
-    rows = [{"text": f"the {w} sat on the mat", "label": "animal" if w in ANIMALS else "thing", "score": len(w)}
-            for w in ANIMALS + THINGS for _ in range(4)]
-    return write_csv(root / "train.csv", rows)
+    return write_csv(tmp_path_factory.mktemp("labelled") / "train.csv", labelled_rows(4, seed=0))
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory, labelled) -> Path:
+    """The same words in other sentences: none of these texts is in the training file."""
+    rows = labelled_rows(4, seed=1)
+    with open(labelled, newline="") as f:
+        assert not {r["text"] for r in rows} & {r["text"] for r in csv.DictReader(f)}
+    return write_csv(tmp_path_factory.mktemp("held_out") / "test.csv", rows)
 
 
 @pytest.fixture(scope="module")
@@ -89,28 +110,31 @@ def test_class_weights_weigh_the_cross_entropy(tiny_tokenizer):
     assert plain == pytest.approx(nll.mean().item(), rel=1e-5)
 
 
-def test_classify_learns_and_predict_writes_probabilities(decoder, labelled, tmp_path):
+def test_classify_learns_and_predict_writes_probabilities(decoder, labelled, held_out, tmp_path):
+    """Trained on 40 texts, the classifier labels 40 unseen ones well above chance (0.5): it learned the word."""
     run = lmforge.finetune_classify(decoder, labelled, tmp_path / "clf", max_steps=30, lr=3e-3,
                                     class_weights="balanced", **SMALL)
     assert {"model.safetensors", "head.safetensors", "head_config.json", "tokenizer.json"} <= {
         p.name for p in run.iterdir()}
-    scores = lmforge.predict(run, labelled, tmp_path / "pred.jsonl")
-    assert scores["rows"] == 40 and scores["accuracy"] >= 0.9 and scores["macro_f1"] >= 0.9
+    scores = lmforge.predict(run, held_out, tmp_path / "pred.jsonl")
+    # Measured 0.875 here, and 0.78 to 0.88 from other random initialisations of the decoder.
+    assert scores["rows"] == 40 and scores["accuracy"] >= 0.75 and scores["macro_f1"] >= 0.75
     lines = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert lines[0]["line"] == 2 and set(lines[0]["probabilities"]) == {"animal", "thing"}
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in lines)
     assert all(r["label"] == max(r["probabilities"], key=r["probabilities"].get) for r in lines)
 
 
-def test_regress_fits_with_mse_and_predicts_in_target_units(decoder, labelled, tmp_path):
-    run = lmforge.finetune_regress(decoder, labelled, tmp_path / "reg", target_field="score", max_steps=40, lr=3e-3,
+def test_regress_fits_with_mse_and_predicts_in_target_units(decoder, labelled, held_out, tmp_path):
+    """On unseen texts the predicted word lengths beat the best constant (the mean, 4.5: MAE 0.8) by a margin."""
+    run = lmforge.finetune_regress(decoder, labelled, tmp_path / "reg", target_field="score", max_steps=60, lr=3e-3,
                                    **SMALL)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5  # MSE on standardized targets falls
-    scores = lmforge.predict(run, labelled, tmp_path / "pred.jsonl")
+    scores = lmforge.predict(run, held_out, tmp_path / "pred.jsonl")
     preds = [json.loads(line)["prediction"] for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert 2 < sum(preds) / len(preds) < 7  # word lengths are 3..6: de-standardized, not z-scores
-    assert scores["mae"] < 1.0
+    assert scores["mae"] < 0.6  # measured 0.44 here, 0.21 to 0.54 from other initialisations
 
 
 def test_label_outside_the_declared_set_names_line_and_label(decoder, labelled, tmp_path):

@@ -190,6 +190,7 @@ def test_classification_goes_through_the_predict_protocol(lm: LM, tmp_path: Path
         run_task(lm, task, progress=False)
 
 
+@pytest.mark.slow
 def test_code_tasks_count_passes_and_survive_hostile_completions(lm: LM, tmp_path: Path) -> None:
     """Per problem, samples run with the tests in the sandbox: a correct body passes; a wrong one, an infinite
     loop, a fork bomb and a write outside the working directory fail; pass@k is the unbiased estimator."""

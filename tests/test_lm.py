@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import greedy_text
 
 import lmforge
 from lmforge.config import preset
@@ -71,7 +72,8 @@ def test_logprobs_equal_log_softmax_of_a_direct_forward(lm: LM) -> None:
 
 def test_chat_generates_from_the_chatml_rendering_and_stops_at_im_end(
         lm: LM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """chat() renders the messages with the template plus the assistant header and stops at <|im_end|>."""
+    """chat() renders the messages with the template plus the assistant header and stops at <|im_end|>; its
+    greedy reply is the argmax continuation of that rendering, token by token."""
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     calls = []
     original = LM.generate
@@ -81,13 +83,15 @@ def test_chat_generates_from_the_chatml_rendering_and_stops_at_im_end(
         return original(self, prompt, **sampling)
 
     monkeypatch.setattr(LM, "generate", spy)
-    reply = lm.chat(messages, seed=0, max_new_tokens=6)
-    assert isinstance(reply, str)
+    reply = lm.chat(messages, max_new_tokens=6, temperature=0)
     [(prompt, sampling)] = calls
     assert prompt == lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
                      "<|im_start|>assistant\n"
     assert sampling["stop"] == [IM_END]
+    stops = {lm.tokenizer.eos_id, lm.tokenizer.token_to_id(IM_END)}
+    expected = greedy_text(lm.model, lm.tokenizer, lm.tokenizer.encode(prompt), 6, stops)
+    assert expected and reply == expected
 
 
 def test_load_without_weights_names_the_missing_file(ckpt: Path, tmp_path: Path) -> None:
@@ -130,7 +134,10 @@ def test_generation_reuses_one_engine_per_lm(ckpt: Path) -> None:
     assert long == "".join(stream(lm.model, lm.tokenizer, PROMPT, lm.sampling(seed=1, **{**SAMPLE,
                                                                                            "max_new_tokens": 100})))
     assert "".join(lm.stream(PROMPT, seed=7, **SAMPLE)) == first
-    lm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4)
+    hi = [{"role": "user", "content": "hi"}]
+    assert lm.chat(hi, seed=2, max_new_tokens=4) == "".join(stream(
+        lm.model, lm.tokenizer, lm.tokenizer.apply_chat_template(hi), lm.sampling(seed=2, max_new_tokens=4,
+                                                                                   stop=[IM_END])))
     prompts = [PROMPT, "the cat"]
     assert lm.generate(prompts, seed=[7, 3], **SAMPLE) == [first, lm.generate("the cat", seed=3, **SAMPLE)]
     assert lm.generate(prompts, seed=5, **SAMPLE) == generate_batch(lm.model, lm.tokenizer, prompts,
@@ -157,7 +164,8 @@ def test_interleaved_streams_of_one_lm_each_get_their_own_text(lm: LM) -> None:
 def test_a_request_beyond_the_lms_max_model_len_is_a_config_error(ckpt: Path) -> None:
     lm = lmforge.load(ckpt, device="cpu")
     lm.max_model_len = 16
-    assert lm.generate("the cat", max_new_tokens=8, temperature=0)
+    assert lm.generate("the cat", max_new_tokens=8, temperature=0) == greedy_text(
+        lm.model, lm.tokenizer, lm.tokenizer.encode("the cat"), 8, {lm.tokenizer.eos_id})
     with pytest.raises(ConfigError, match="max_model_len=16"):
         lm.generate("the cat sat on the mat and the dog", max_new_tokens=12)
     assert lm.engine.max_model_len == 16

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
@@ -14,9 +11,9 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-import uvicorn
-from fastapi import FastAPI
+from conftest import running_server
 
+from lmforge.infer.decode import generate_tokens
 from lmforge.infer.server import create_app
 from lmforge.lm import LM
 
@@ -34,27 +31,6 @@ def exchange(method: str, url: str, body: bytes | dict | None = None) -> tuple[i
 
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat on the mat"}]
-
-
-@contextlib.contextmanager
-def running_server(app: FastAPI) -> Iterator[str]:
-    """uvicorn on a free loopback port in a thread; yields the base URL and stops it gracefully."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,33 +59,46 @@ def test_chat_completion_equals_the_python_api(client: openai.OpenAI, lm: LM) ->
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content == lm.chat(MESSAGES, max_new_tokens=12, temperature=0, stop_at_eos=True)
-    assert choice.finish_reason in ("stop", "length")
     assert reply.usage.prompt_tokens == len(lm.tokenizer.encode(lm.tokenizer.apply_chat_template(MESSAGES)))
+    assert choice.finish_reason == ("length" if reply.usage.completion_tokens == 12 else "stop")
 
 
 def test_seeded_completion_equals_the_python_api(client: openai.OpenAI, lm: LM) -> None:
     reply = client.completions.create(model="tiny", prompt="The model learns to", max_tokens=10, seed=5)
     assert reply.choices[0].text == lm.generate("The model learns to", max_new_tokens=10, seed=5, temperature=1.0)
-    assert reply.usage.completion_tokens <= 10
+    assert reply.usage.completion_tokens == len(generated_tokens(lm, "The model learns to", max_new_tokens=10,
+                                                                 seed=5, temperature=1.0))
 
 
 def test_streamed_chat_joins_to_the_unstreamed_reply(client: openai.OpenAI) -> None:
     kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
-    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    whole = client.chat.completions.create(**kwargs).choices[0]
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 1
-    assert "".join(pieces) == whole
+    assert "".join(pieces) == whole.message.content
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
 
 
-def test_streamed_completion_with_usage(client: openai.OpenAI) -> None:
+def generated_tokens(lm: LM, prompt: str, **sampling: object) -> list[int]:
+    """The token ids LM.generate decodes for `prompt` (without the end-of-sequence token), for usage counts."""
+    return list(generate_tokens(lm.model, lm.tokenizer.encode(prompt), lm.sampling(**sampling),
+                                eos_id=lm.tokenizer.eos_id))
+
+
+def test_streamed_completion_with_usage(client: openai.OpenAI, lm: LM) -> None:
+    """The streamed pieces join to the unstreamed text; the last chunk's usage counts the prompt's tokens and
+    the generated ones."""
     kwargs = dict(model="tiny", prompt="The model learns to", max_tokens=12, temperature=0)
     whole = client.completions.create(**kwargs).choices[0].text
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
-    assert chunks[-1].usage.completion_tokens > 0
+    tokens = generated_tokens(lm, "The model learns to", max_new_tokens=12, temperature=0)
+    assert lm.tokenizer.decode(tokens, skip_special_tokens=True) == whole
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(lm.tokenizer.encode("The model learns to")),
+                                                              len(tokens))
 
 
 def test_echo_logprobs_score_the_prompt_like_a_forward_pass(client: openai.OpenAI, lm: LM) -> None:
@@ -170,7 +159,8 @@ def test_api_key_is_required_when_set(lm: LM) -> None:
     with running_server(create_app(lm, name="tiny", api_key="sekret")) as base:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
-        assert openai.OpenAI(base_url=f"{base}/v1", api_key="sekret", max_retries=0).models.list().data
+        models = openai.OpenAI(base_url=f"{base}/v1", api_key="sekret", max_retries=0).models.list()
+        assert [m.id for m in models.data] == ["tiny"]
 
 
 def test_full_queue_answers_429_with_retry_after(lm: LM) -> None:

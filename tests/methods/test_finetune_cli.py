@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import greedy_text
 
+import lmforge
 from lmforge.cli import main
+from lmforge.tokenizer import IM_END
 
 TRAIN = ["--max-steps", "2", "--batch-size", "2", "--block-size", "64", "--precision", "32", "--progress", "false"]
 
@@ -37,19 +41,27 @@ def test_lora_then_resume_then_merge_from_the_cli(base, alpaca, tmp_path, capsys
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3
     assert main(["merge-lora", str(run), "--out", str(tmp_path / "merged")]) == 0  # as `lmforge merge-lora runs/lora`
-    assert (tmp_path / "merged" / "model.safetensors").exists()
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the merged checkpoint computes what the int8 base with its adapters computes
+        merged, adapted, plain = (lmforge.load(p).model(x) for p in (tmp_path / "merged", run, base))
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+    assert (merged - plain).abs().max() > 1e-3  # and it is not just the base again (measured: 0.017)
 
 
 def test_full_finetune_from_the_cli_writes_a_loadable_checkpoint(base, alpaca, tmp_path):
-    import lmforge
-
+    """The run holds the trained weights (not the base's), loads, and chats: its greedy reply is the argmax
+    continuation of the chat prompt under those weights."""
     out = tmp_path / "full"
     assert main(["finetune", "full", "--model", str(base), "--data", str(alpaca), "--out", str(out),
                  "--train-on", "last", "--pack", "false", "--val-data", str(alpaca), *TRAIN]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in records)
-    assert isinstance(lmforge.load(out).chat([{"role": "user", "content": "Name an animal."}], max_new_tokens=2,
-                                             seed=0), str)
+    lm, start = lmforge.load(out), lmforge.load(base).model.state_dict()
+    assert all(not torch.equal(p, start[n]) for n, p in lm.model.state_dict().items())  # every tensor trained
+    messages = [{"role": "user", "content": "Name an animal."}]
+    stops = {lm.tokenizer.eos_id, lm.tokenizer.token_to_id(IM_END)}
+    expected = greedy_text(lm.model, lm.tokenizer, lm.tokenizer.chat_ids(messages), 4, stops)
+    assert lm.chat(messages, max_new_tokens=4, temperature=0) == expected
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -71,10 +83,6 @@ def test_resume_with_another_verb_is_refused(base, alpaca, tmp_path, capsys):
 
 def test_full_finetune_resume_continues_exactly(base, alpaca, tmp_path):
     """2 steps, then --resume to 4, gives the weights of an uninterrupted 4-step run."""
-    import torch
-
-    import lmforge
-
     common = dict(batch_size=2, block_size=64, precision="32", progress=False, warmup_steps=1, lr=1e-3)
     full = lmforge.finetune_full(base, alpaca, tmp_path / "full", max_steps=4, **common)
     part = lmforge.finetune_full(base, alpaca, tmp_path / "part", max_steps=2, lr_decay_steps=4, **common)

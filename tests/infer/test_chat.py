@@ -45,6 +45,7 @@ def test_unknown_command_prints_help(lm: LM) -> None:
     assert "/reset" in stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_verb_reads_stdin_until_end_of_input(make_checkpoint: Callable[..., Path], lm: LM) -> None:
     ckpt = make_checkpoint("gpt2-tiny")
     result = subprocess.run([sys.executable, "-m", "lmforge", "chat", "--model", str(ckpt), "--temperature", "0",

@@ -11,7 +11,7 @@ import pytest
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.tasks import METRICS, find_tasks, load_task
 
-TASKS = Path(__file__).resolve().parent.parent / "tasks"
+TASKS = Path(__file__).resolve().parents[2] / "tasks"
 
 MC = """\
 kind: multiple_choice

@@ -24,14 +24,20 @@ SMALL = dict(block_size=64, batch_size=4, warmup_steps=2, precision="32", log_ev
 LAYERS = dict(num_hidden_layers=2, max_position_embeddings=64)
 
 
-@pytest.fixture(scope="module")
-def sft_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
-    words = ["cat", "dog", "mat", "model", "token", "layer", "window", "batch"]
+WORDS = ["cat", "dog", "mat", "model", "token", "layer", "window", "batch"]
+
+
+def repeat_rows(path: Path, pairs: list[tuple[str, str]]) -> Path:
     rows = [{"messages": [{"role": "user", "content": f"Repeat {w} {v}."},
-                          {"role": "assistant", "content": f"{w} {v}"}]} for w in words for v in words[:5]]
+                          {"role": "assistant", "content": f"{w} {v}"}]} for w, v in pairs]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    """40 "Repeat w v." → "w v" conversations, v among the first five words."""
+    return repeat_rows(tmp_path_factory.mktemp("sft") / "sft.jsonl", [(w, v) for w in WORDS for v in WORDS[:5]])
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +120,7 @@ def test_int8_per_channel_quantization_and_its_gradient():
     y.sum().backward()
     y_ref.sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
-    assert not list(int8.parameters())  # frozen: stored as buffers
+    assert not any(p.requires_grad for p in int8.parameters())  # frozen
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -163,11 +169,13 @@ def test_lora_resume_continues_exactly(base, sft_data, tmp_path):
 
 
 def test_lora_over_int8_base_lowers_the_loss(base, sft_data, tmp_path):
-    """QLoRA's setting on CPU: int8 frozen base, fp32 adapters; the SFT loss on the data goes down."""
+    """QLoRA's setting on CPU: int8 frozen base, fp32 adapters; the SFT loss goes down on held-out
+    conversations (second words the training data never has)."""
     run = lmforge.finetune_lora(base, sft_data, tmp_path / "run", max_steps=12, base_int8=True,
                                 lora_targets="q,k,v,o,gate,up,down", lora_r=8, **SMALL)
     tokenizer = Tokenizer.load(base)
-    batch = SFTLoader(load_sft(sft_data, tokenizer, max_length=65), 64, 16, tokenizer.pad_id, shuffle=False)
+    held_out = repeat_rows(tmp_path / "held_out.jsonl", [(w, v) for w in WORDS for v in WORDS[5:]])
+    batch = SFTLoader(load_sft(held_out, tokenizer, max_length=65), 64, 8, tokenizer.pad_id, shuffle=False)
     x, y = batch.next_batch()
     start = lmforge.load(base).model
     quantize_linears(start)
@@ -176,7 +184,7 @@ def test_lora_over_int8_base_lowers_the_loss(base, sft_data, tmp_path):
     assert isinstance(trained.blocks[0].attn.qkv.base, Int8Linear)
     with torch.no_grad():
         before, after = (mean_loss(m, x, y) for m in (start.eval(), trained))
-    assert after < before - 0.5, (before, after)  # measured: 6.29 → 3.89 in 12 steps
+    assert after < before - 1.0, (before, after)  # measured: 6.40 → 4.52 in 12 steps
 
 
 def test_merge_lora_folds_every_adapter(tiny_tokenizer):

@@ -3,6 +3,7 @@ the harness's per-example loglikelihoods and multiple-choice accuracy equal what
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import lmforge
 from lmforge.eval.harness import run_task
 from lmforge.eval.tasks import load_task
 
-TASKS = Path(__file__).resolve().parent.parent / "tasks"
+TASKS = Path(__file__).resolve().parents[2] / "tasks"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,5 +94,5 @@ def test_an_hf_directory_evaluates_end_to_end_with_provenance(hf_dir: Path, tmp_
     lmforge.evaluate(model=hf_dir, tasks=[TASKS / "proverbs.yaml"], out=out, progress=False, device="cpu")
     report = json.loads(out.read_text())
     assert report["model"]["weights"] == ["model.safetensors"]
-    assert len(report["model"]["weights_sha256"]) == 64
+    assert report["model"]["weights_sha256"] == hashlib.sha256((hf_dir / "model.safetensors").read_bytes()).hexdigest()
     assert sorted(p.name for p in hf_dir.iterdir()) == before

@@ -15,6 +15,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
+@pytest.mark.slow
 def test_page_streams_a_reply_with_the_chosen_settings(make_lm: Callable[..., LM]) -> None:
     """The page sends the conversation with its temperature and max-tokens settings and renders the
     streamed reply, which equals the Python API's greedy reply to the same message."""

@@ -130,9 +130,9 @@ def test_convert_round_trip_loads_in_transformers_with_equal_logits(family, tmp_
     assert exported["model_type"] == FAMILIES[kind]["model_type"]
     original = load_file(str(directory / "model.safetensors"))
     again = load_file(str(back / "model.safetensors"))
-    for name, tensor in original.items():  # tensor names and values survive the round trip exactly
-        if name in again:
-            assert torch.equal(tensor, again[name]), name
+    assert again.keys() == original.keys()  # tensor names and values survive the round trip exactly
+    for name, tensor in original.items():
+        assert torch.equal(tensor, again[name]), name
 
 
 def test_sliding_window_changes_logits_beyond_the_window(tmp_path, tiny_tokenizer_dir) -> None:
@@ -170,7 +170,8 @@ def test_bf16_source_is_kept_by_default_and_cast_on_request(tmp_path, tiny_token
         assert (lmforge.load(cast).model(ids) - hf_logits(directory, ids)).abs().max() <= TOL
 
 
-def test_cli_convert_both_ways_and_every_verb_takes_an_hf_folder(tmp_path, tiny_tokenizer_dir) -> None:
+def test_cli_convert_both_ways_and_every_verb_takes_an_hf_folder(tmp_path, tiny_tokenizer_dir, capsys) -> None:
+    """The verbs print, for the HF folder itself, what the Python API gives for its converted checkpoint."""
     directory = build_hf("qwen3", tmp_path / "qwen3", tiny_tokenizer_dir)
     assert main(["convert", "from-hf", str(directory), "--out", str(tmp_path / "q")]) == 0
     assert main(["convert", "to-hf", str(tmp_path / "q"), "--out", str(tmp_path / "hf")]) == 0
@@ -178,10 +179,20 @@ def test_cli_convert_both_ways_and_every_verb_takes_an_hf_folder(tmp_path, tiny_
     assert (hf_logits(tmp_path / "hf", ids) - hf_logits(directory, ids)).abs().max() <= TOL  # the round trip
     text = tmp_path / "held_out.txt"
     text.write_text("the model learns to predict the next word from context. " * 20)
-    assert main(["eval", "perplexity", "--model", str(directory), "--data", str(text)]) == 0
+    converted = lmforge.load(tmp_path / "q")
+    capsys.readouterr()
+    assert main(["eval", "perplexity", "--model", str(directory), "--data", str(text), "--progress", "false"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = converted.perplexity(text, progress=False)
+    assert result["tokens"] == expected["tokens"] and result["perplexity"] == pytest.approx(expected["perplexity"],
+                                                                                             rel=1e-5)
     assert main(["generate", "--model", str(directory), "--prompt", "the model", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
-    assert main(["generate", "--model", str(directory), "--chat", "hello", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == converted.generate("the model", max_new_tokens=4, temperature=0) + "\n"
+    assert main(["generate", "--model", str(directory), "--chat", "hello", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    reply = converted.chat([{"role": "user", "content": "hello"}], max_new_tokens=4, temperature=0)
+    assert capsys.readouterr().out == reply + "\n"
 
 
 def test_chat_reply_equals_transformers_greedy_generation(family) -> None:

@@ -17,7 +17,7 @@ from lmforge.errors import ConfigError
 from lmforge.eval.sandbox import Limits, run_python
 from lmforge.lm import LM
 
-TASKS = Path(__file__).resolve().parent.parent / "tasks"
+TASKS = Path(__file__).resolve().parents[2] / "tasks"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,7 +152,7 @@ def test_eval_subcommands_have_help_from_their_docstrings(
         verb: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "500")
     code, out, _ = run(["eval", verb, "--help"], capsys)
-    first_line = {"run": "Evaluate a model on task files", "compare": "Compare two evaluation reports side by side",
+    first_line = {"run": "Evaluate a model on task files", "compare": "Compare evaluation reports side by side",
                   "perplexity": "Perplexity and bits per byte"}[verb]
     assert code == 0 and first_line in out
 

@@ -71,6 +71,7 @@ def test_two_workers_write_identical_output(corpus, cleaned, tmp_path):
     assert _output_bytes(tmp_path / "w2") == _output_bytes(out)
 
 
+@pytest.mark.slow
 def test_ray_executor_writes_identical_output(corpus, cleaned, tmp_path):
     ray = pytest.importorskip("ray")
     try:
@@ -144,6 +145,7 @@ def test_every_input_document_is_kept_removed_or_skipped(tmp_path_factory, files
     assert len(skipped_log) - replaced == sum(res["skipped"].values()) and replaced == res["replaced_bytes"]
 
 
+@pytest.mark.slow
 def test_cli_clean_then_stats_write_shards_and_reports(corpus, tmp_path, capsys):
     cfg = tmp_path / "clean.yaml"
     cfg.write_text("normalize:\n  lowercase: true\nfilters:\n  min_words: 10\n", encoding="utf-8")
