@@ -30,7 +30,9 @@ from lmforge.model import hf
 from lmforge.model import lora as lora_lib
 from lmforge.model.bert import ENCODER_MODEL_TYPE, EncoderConfig
 from lmforge.model.heads import HeadConfig, SequenceHead
-from lmforge.model.quant import quantize_linears
+from lmforge.model.lstm import LSTM_MODEL_TYPE, LSTM_PRESETS, LSTMLM, LSTMConfig, lstm_preset
+from lmforge.model.ngram import NGRAM_MODEL_TYPE, NgramConfig, NgramLM
+from lmforge.model.quant import apply_layout, layout_of, quantize_linears
 from lmforge.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -39,8 +41,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GENERATION_CONFIG = "generation_config.json"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
+QUANTIZATION = "quantization"  # config.json entry of a quantized checkpoint: which layers hold int8/int4 weights
 SAMPLING_FROM_HF = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
-Kind = Literal["decoder", "encoder", "lora", "head"]
+Kind = Literal["decoder", "encoder", "lora", "head", "ngram"]
+BASELINES = {LSTM_MODEL_TYPE: (LSTMConfig, LSTMLM), NGRAM_MODEL_TYPE: (NgramConfig, NgramLM)}  # by model_type
 
 
 def _weights_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,7 +64,8 @@ def save_checkpoint(out: Path, model: nn.Module, config: ModelConfig, *, tokeniz
                     step: int = 0) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", config.to_dict())
+    layout = layout_of(model)  # a quantized model saves as one, whoever saves it (`compress quantize`, LM.save)
+    atomic_write_json(out / "config.json", {**config.to_dict(), **({QUANTIZATION: layout} if layout else {})})
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out)
     if generation_config is not None:
@@ -165,21 +170,42 @@ def generation_defaults(path: Path, tokenizer: Tokenizer) -> dict[str, Any]:
             "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id}
 
 
-def read_config(directory: Path) -> ModelConfig | EncoderConfig:
-    """The model config of one of our checkpoint directories (decoder or encoder, by model_type)."""
+def read_config(directory: Path, *, quantized: bool = False) -> ModelConfig | EncoderConfig | LSTMConfig | NgramConfig:
+    """The model config of one of our checkpoint directories (decoder, encoder, LSTM or n-gram, by model_type).
+
+    A quantized checkpoint is refused unless `quantized`: its int8/int4 tensors only `load_model` rebuilds."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json; not a checkpoint directory (from `lmforge pretrain`, "
                               "`lmforge finetune`, `lmforge convert` or a Hugging Face download)")
+    data = read_config_json(path)
+    if QUANTIZATION in data:
+        if not quantized:
+            raise CheckpointError(f"{directory}: is a quantized checkpoint (`lmforge compress quantize`); its weights "
+                                  "are int8/int4 tensors, which only loading it for inference understands; use the "
+                                  "full-precision checkpoint it was quantized from")
+        return ModelConfig.from_dict({k: v for k, v in data.items() if k != QUANTIZATION}, str(path))
     kind = read_config_json(path).get("model_type", "lmforge")
+    if kind in BASELINES:
+        return BASELINES[kind][0].load(path)
     return EncoderConfig.load(path) if kind == ENCODER_MODEL_TYPE else ModelConfig.load(path)
 
 
-def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig:
+def build_model(config: Any) -> nn.Module:
+    """A freshly initialised model of any of our architectures, from its config."""
+    for config_class, model_class in BASELINES.values():
+        if isinstance(config, config_class):
+            return model_class(config)
+    return hf.build_model(config)
+
+
+def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig | LSTMConfig:
     """A preset name, a config.json, or a directory holding one."""
     path = Path(model)
     if str(model) in PRESETS:
         return preset(str(model), **overrides)
+    if str(model) in LSTM_PRESETS:
+        return lstm_preset(str(model), **overrides)
     if path.is_dir():
         if hf.is_hf_checkpoint(path):  # continue from a Hugging Face download
             config = hf.config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
@@ -188,8 +214,11 @@ def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig:
             return config.replace(**overrides)
         path = path / "config.json"
     if path.is_file():
+        if read_config_json(path).get("model_type") == LSTM_MODEL_TYPE:
+            return LSTMConfig.load(path).replace(**overrides)
         return ModelConfig.load(path).replace(**overrides)
-    raise ConfigError(f"model {str(model)!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    raise ConfigError(f"model {str(model)!r} is neither a preset ({', '.join([*PRESETS, *LSTM_PRESETS])}) nor a "
+                      "checkpoint directory")
 
 
 @dataclass
@@ -216,12 +245,14 @@ def kind_of(path: Path) -> Kind:
         return "head"
     if hf.is_hf_checkpoint(path):
         return "encoder" if isinstance(hf.config_from_hf(hf.read_hf_config(path)), EncoderConfig) else "decoder"
-    return "encoder" if isinstance(read_config(path), EncoderConfig) else "decoder"
+    config = read_config(path, quantized=True)
+    return "encoder" if isinstance(config, EncoderConfig) else "ngram" if isinstance(config, NgramConfig) else "decoder"
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                base: Path | None = None) -> Loaded:
-    """Open any model directory: ours (decoder or encoder), a Hugging Face folder, a LoRA run or a head run.
+    """Open any model directory: ours (decoder, encoder, or the LSTM and n-gram baselines, told apart by
+    config.json's model_type), a Hugging Face folder, a LoRA run or a head run.
 
     An HF folder (GPT-2, Llama, Mistral, Qwen2/3, BERT) converts in memory tensor by tensor; a LoRA run is its
     base with the adapters attached (unmerged; `base` overrides the recorded base directory); a head run is
@@ -241,9 +272,13 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
             if not (path / name).exists():
                 raise CheckpointError(f"{path}: {name} is missing; a checkpoint directory holds config.json, "
                                       "model.safetensors and tokenizer.json")
-        config = read_config(path)
-        model = hf.build_model(config)
+        config = read_config(path, quantized=True)
+        model = build_model(config)
+        layout = read_config_json(path / "config.json").get(QUANTIZATION)
+        apply_layout(model, layout, str(path / "config.json"))  # int8/int4 layers for the stored integers
         load_weights(model, path)
+        if layout and dtype is None:
+            dtype = getattr(torch, layout["dtype"])  # the activations the int kernels are fast with
         tokenizer = Tokenizer.load(path)
     if kind == "head":
         model = _attach_head(model, path)
@@ -296,7 +331,7 @@ def attach_lora(net: nn.Module, config: lora_lib.LoRAConfig, *, base_int8: bool,
 def load_decoder(path: Path, dtype: torch.dtype | None = None) -> Loaded:
     """`load_model` for verbs that need a generative model: an encoder is refused by name."""
     loaded = load_model(path, dtype=dtype)
-    if loaded.kind not in ("decoder", "lora"):
+    if loaded.kind not in ("decoder", "lora", "ngram"):
         raise ConfigError(f"{path}: is {'an encoder' if loaded.kind == 'encoder' else 'a head run'}; this needs a "
                           "decoder (a generative model). Use `lmforge finetune classify` for encoders")
     return loaded

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge.checkpoint import SAMPLING_FROM_HF, generation_from_hf, read_config
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write_json
 from lmforge.model.hf import (
     config_from_hf,
@@ -110,6 +110,8 @@ def to_hf(
     """
     model, out = Path(model), Path(out)
     config = read_config(model)
+    if config.family in ("lstm", "ngram"):
+        raise ConfigError(f"{model}: an {config.family} baseline has no Hugging Face architecture to export to")
     family = hf_family(config)
     _check_out(out, overwrite)
     source = TensorSource(model)

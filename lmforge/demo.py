@@ -13,6 +13,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,13 +97,19 @@ def demo(
     max_steps: int | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    baselines: bool = True,
+    lstm_model: str = "lstm-tiny",
+    lstm_minutes: float = 1.0,
+    compress: bool = True,
 ) -> Path:
     """Run the whole chain on the built-in corpus and write a report.
 
     Extracts text (the Python standard library's source for code, pydoc topics for prose), trains a
     tokenizer, packs the data, pretrains a small Llama-style model within the time budget, measures
     held-out perplexity before and after, samples code completions, and writes report.md with the loss
-    curve.
+    curve. Beside the Transformer the report measures two baselines on the same tokens and held-out text:
+    a 5-gram model (modified Kneser-Ney, counted in seconds) and an LSTM trained for a fixed slice of the
+    budget, taken from the Transformer's.
 
     Args:
         minutes: Wall-time budget for the whole demo; training gets what the other stages leave.
@@ -115,6 +122,11 @@ def demo(
         max_steps: Also stop training after this many steps (for a run that does not depend on speed).
         overwrite: Replace an existing demo directory at `out`.
         seed: Seed for everything random.
+        baselines: Also count the 5-gram model and train the LSTM, and report them.
+        lstm_model: LSTM preset for the baseline.
+        lstm_minutes: Wall time the LSTM trains (max_steps also limits it).
+        compress: Also quantize the trained model to int8 and int4 and compare size, decode speed and
+            perplexity (`lmforge compress report`).
 
     Returns:
         The path of report.md.
@@ -158,8 +170,10 @@ def demo(
     torch.manual_seed(seed)
     untrained = LM(GPT(resolve_model_config(model, vocab_size=tokenizer.vocab_size)), tokenizer)
     before = perplexity(untrained, held_dir, progress=False)
+    rows = _baselines(packed, held_dir, out, lstm_model, lstm_minutes, max_steps=max_steps, batch_size=batch_size,
+                      lr=lr, seed=seed, stage=stage) if baselines else []
     stage(f"4/6 held-out perplexity before training: {before['perplexity']:.1f}; pretraining {model}")
-    reserve = 1.0  # minutes for evaluation, samples and the report
+    reserve = 2.0 if compress else 1.0  # minutes for evaluation, samples, compression and the report
     train_minutes = max(0.2, minutes - (time.perf_counter() - start) / 60 - reserve)
     ckpt = pretrain(packed, model, out / "model", max_minutes=train_minutes, max_steps=max_steps,
                     batch_size=batch_size, lr=lr, warmup_steps=50,
@@ -170,10 +184,12 @@ def demo(
     lm = load(ckpt)
     after = perplexity(lm, held_dir, progress=False)
     samples = {p: lm.generate(p, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=seed) for p in PROMPTS}
+    compression = _compression(ckpt, held_dir, out, stage) if compress else None
 
     stage("6/6 writing the report")
     _plot(ckpt / "metrics.jsonl", out / "loss.png")
-    report = _report(out, ckpt, model, minutes, before, after, samples, time.perf_counter() - start)
+    report = _report(out, ckpt, model, minutes, before, after, samples, time.perf_counter() - start, rows,
+                     compression)
     print(f"\nreport:     {report}\ncheckpoint: {ckpt}\nloss curve: {out / 'loss.png'}\n"
           f"held-out perplexity {before['perplexity']:.1f} → {after['perplexity']:.2f}\n"
           f"next: lmforge generate --model {ckpt} --prompt 'def main(' | "
@@ -181,8 +197,44 @@ def demo(
     return report
 
 
+def _baselines(packed: Path, held_dir: Path, out: Path, lstm_model: str, lstm_minutes: float, *,
+               max_steps: int | None, batch_size: int, lr: float, seed: int, stage: Any) -> list[tuple[str, dict]]:
+    """(report label, held-out perplexity) of a 5-gram model and an LSTM, trained on the same packed tokens."""
+    from lmforge.eval.perplexity import perplexity
+    from lmforge.lm import load
+    from lmforge.methods.pretrain import pretrain
+
+    stage("    baseline: counting a 5-gram model (interpolated modified Kneser-Ney)")
+    begin = time.perf_counter()
+    ngram = pretrain(packed, "ngram-5", out / "ngram", progress=False)
+    counted = time.perf_counter() - begin
+    ngram_ppl = perplexity(load(ngram), held_dir, progress=False)
+    stage(f"    baseline: training {lstm_model} for {lstm_minutes:g} min")
+    # 64-token windows (truncated BPTT, as Zaremba et al.'s 35): a recurrence is sequential, so on a CPU the
+    # minute buys 4x the optimizer steps of 256-token windows; a short warmup for a short run
+    lstm = pretrain(packed, lstm_model, out / "lstm", max_minutes=lstm_minutes, max_steps=max_steps,
+                    block_size=64, batch_size=batch_size, lr=lr, warmup_steps=10, eval_every=100, eval_batches=10,
+                    save_every=250, seed=seed, progress=False)
+    steps = [json.loads(line) for line in (lstm / "metrics.jsonl").read_text().splitlines() if line]
+    last = [r for r in steps if "loss" in r][-1]
+    lstm_ppl = perplexity(load(lstm), held_dir, progress=False)
+    return [(f"5-gram, modified Kneser-Ney (counted in {counted:.0f} s)", ngram_ppl),
+            (f"LSTM `{lstm_model}` ({last['step']} steps, {last['elapsed_s'] / 60:.1f} min)", lstm_ppl)]
+
+
+def _compression(ckpt: Path, held_dir: Path, out: Path, stage: Any) -> str:
+    """The trained model beside its int8 and int4 copies: size, batch-1 decode speed, held-out perplexity."""
+    from lmforge.compress.quantize import quantize
+    from lmforge.compress.report import compress_report
+
+    stage("    quantizing the trained model to int8 and int4 and comparing them (`lmforge compress report`)")
+    variants = [ckpt, quantize(ckpt, out / "model-int8"), quantize(ckpt, out / "model-int4", scheme="int4")]
+    return compress_report(variants, held_dir, out / "compress.md", new_tokens=32, rounds=2)
+
+
 def _report(out: Path, ckpt: Path, model: str, minutes: float, before: dict, after: dict,
-            samples: dict[str, str], seconds: float) -> Path:
+            samples: dict[str, str], seconds: float, baselines: list[tuple[str, dict]],
+            compression: str | None = None) -> Path:
     rows = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line]
     last = [r for r in rows if "loss" in r][-1]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -205,9 +257,16 @@ def _report(out: Path, ckpt: Path, model: str, minutes: float, before: dict, aft
         "", "## Held-out perplexity", "",
         "| | perplexity | bits per byte |", "|---|---:|---:|",
         f"| untrained | {before['perplexity']:.1f} | {before['bits_per_byte']:.3f} |",
+        *[f"| {label} | {r['perplexity']:.2f} | {r['bits_per_byte']:.3f} |" for label, r in baselines],
         f"| trained | {after['perplexity']:.2f} | {after['bits_per_byte']:.3f} |", "",
+        *(["The 5-gram and LSTM rows are baselines on the same packed tokens and held-out text; the LSTM's "
+           "minutes came out of the Transformer's budget.", ""] if baselines else []),
         f"Final train loss {last['loss']:.3f}" + (f", val loss {val[-1]:.3f}." if val else "."),
-        "", "![loss curve](loss.png)", "", "## Samples (temperature 0.8, top-p 0.95)", "",
+        "", "![loss curve](loss.png)", "",
+        *(["## Compression", "", "The trained model (loaded in bf16, our fastest float decode on CPU) beside its "
+           "int8 (per output channel) and int4 (group 128) weight-only copies, all with bf16 activations:", "",
+           compression, "", "![compression](compress.png)", ""] if compression else []),
+        "## Samples (temperature 0.8, top-p 0.95)", "",
     ]
     for prompt, completion in samples.items():
         lines += [fence + "python", prompt + completion, fence, ""]

@@ -21,6 +21,7 @@ from typing import Any
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.classifier import HeadClassifier, is_head_run
 from lmforge.eval.harness import Unsupported, run_task
+from lmforge.eval.remote import RemoteLM, is_endpoint
 from lmforge.eval.sandbox import check_isolation
 from lmforge.eval.tasks import find_tasks, load_task
 from lmforge.io import atomic_write_json, atomic_write_text
@@ -62,7 +63,7 @@ def model_provenance(model: Any, path: Path | None) -> dict[str, Any]:
 
 
 def evaluate(
-    model: Path,
+    model: str | Path,
     tasks: list[Path] | Path | None = None,
     out: Path | None = None,
     *,
@@ -73,12 +74,18 @@ def evaluate(
     device: str | None = None,
     unsafe_no_sandbox: bool = False,
     progress: bool = True,
+    api_key: str | None = None,
+    served_model: str | None = None,
+    tokenizer: Path | None = None,
+    concurrency: int = 8,
+    cache: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on task files (or held-out perplexity) and write a reproducible report.
 
     Args:
-        model: Checkpoint directory, HF model directory, or a `finetune classify` run (for classification
-            tasks); from Python also a loaded LM or any object with `predict(texts)`.
+        model: Checkpoint directory, HF model directory, a `finetune classify` run (for classification
+            tasks), or the base URL of an OpenAI-compatible endpoint (http://host:port/v1); from Python also
+            a loaded LM or any object with `predict(texts)`.
         tasks: Task files (*.yaml) or folders of them.
         out: Report file (JSON); a Markdown table is written beside it (same name, .md).
         task: One more task: a task file, or "perplexity" (with --data).
@@ -89,6 +96,14 @@ def evaluate(
         unsafe_no_sandbox: Run generated code without bubblewrap's network and filesystem isolation (where
             `bwrap` is not installed). Only for code you would run yourself.
         progress: Show progress lines.
+        api_key: Endpoints only: sent as `Authorization: Bearer`; default $LMFORGE_API_KEY or $OPENAI_API_KEY.
+            Never written to the report or the cache.
+        served_model: Endpoints only: the model id to evaluate (default: the one /v1/models lists).
+        tokenizer: Endpoints only: the served model's tokenizer directory; prompts then go as token ids built
+            as a local evaluation builds them, so an lmforge model scores the same over HTTP as from disk.
+        concurrency: Endpoints only: requests in flight at once (429 / 5xx answers are retried with back-off).
+        cache: Endpoints only: directory of cached answers, so a rerun does not pay twice
+            (default ~/.cache/lmforge/remote).
 
     Returns:
         Each task's metrics and the report's path.
@@ -111,8 +126,19 @@ def evaluate(
     if len(set(names)) != len(names):
         raise ConfigError(f"two tasks share a name: {sorted(n for n in names if names.count(n) > 1)}; "
                           "set `name:` in one of the files")
-    model_path = None if isinstance(model, LM) or not isinstance(model, (str, Path)) else Path(model)
-    if model_path is None:
+    remote = {"api_key": api_key, "served_model": served_model, "tokenizer": tokenizer, "concurrency": concurrency,
+              "cache": cache}
+    if not is_endpoint(model):
+        given = [k for k, v in remote.items() if v != {"concurrency": 8}.get(k)]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to an HTTP endpoint "
+                              f"(--model http://host:port/v1), not {model}")
+    model_path = None if isinstance(model, LM) or not isinstance(model, (str, Path)) or is_endpoint(model) \
+        else Path(model)
+    if is_endpoint(model):
+        lm = RemoteLM(model, api_key=api_key, model=served_model, tokenizer=tokenizer, concurrency=concurrency,
+                      cache=cache)
+    elif model_path is None:
         lm = model
     elif is_head_run(model_path):  # a `finetune classify` run: classification tasks only
         lm = HeadClassifier(model_path, device=device, batch_size=batch_size)
@@ -122,7 +148,8 @@ def evaluate(
         model_path = getattr(lm, "path", None)
     report: dict[str, Any] = {
         "lmforge_version": _version(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "model": model_provenance(lm, model_path), "seed": seed, "batch_size": batch_size,
+        "model": lm.provenance() if isinstance(lm, RemoteLM) else model_provenance(lm, model_path), "seed": seed,
+        "batch_size": batch_size,
         "environment": {"python": platform.python_version(), "torch": _torch_version(),
                         "device": str(getattr(lm, "device", "n/a"))},
         "tasks": {}, "skipped": {},
@@ -130,6 +157,9 @@ def evaluate(
     if task == "perplexity":
         from lmforge.eval.perplexity import perplexity
 
+        if isinstance(lm, RemoteLM):
+            raise ConfigError("--task perplexity scores held-out text with a model on this machine; for an endpoint "
+                              "use a loglikelihood task (its perplexity and bits_per_byte metrics)")
         if not isinstance(lm, LM):
             raise ConfigError(f"--task perplexity needs a language model; {model} is a classification head run")
         result = perplexity(lm, Path(data), batch_size=batch_size, progress=progress)
@@ -215,7 +245,7 @@ def markdown(report: dict[str, Any]) -> str:
              for name, r in report["tasks"].items() if r.get("truncated")]
     notes += [f"- {name}: skipped ({v['reason']})" for name, v in report.get("skipped", {}).items()]
     model = report["model"]
-    head = [f"Model: `{model.get('path', model['type'])}`" +
+    head = [f"Model: `{model.get('path') or _endpoint_label(model) or model['type']}`" +
             (f" (weights sha256 {model['weights_sha256'][:12]})" if "weights_sha256" in model else "") +
             f", seed {report['seed']}, lmforge {report['lmforge_version']}", ""]
     return "\n".join(head + rows + (["", *notes] if notes else []))
@@ -233,35 +263,55 @@ def _read_report(path: Path) -> dict[str, Any]:
     return report
 
 
-def compare(a: Path, b: Path) -> str:
-    """Compare two evaluation reports side by side, with the change from the first to the second.
+def _endpoint_label(model: dict[str, Any]) -> str | None:
+    return f"{model['url']} ({model.get('model_id', '?')})" if "url" in model else None
+
+
+def compare(reports: list[Path] | Path, *more: Path) -> str:
+    """Compare evaluation reports side by side, each with its change from the first (the baseline).
+
+    `lmforge eval compare runs/ngram/eval.json runs/lstm/eval.json runs/demo/eval.json`; from Python
+    `compare(a, b, c)` or `compare([a, b, c])`.
 
     Args:
-        a: The baseline report (JSON written by `lmforge eval --out`).
-        b: The report to compare with it.
+        reports: Two or more reports (JSON written by `lmforge eval --out`), the baseline first.
 
     Returns:
-        A Markdown table: task, metric, a, b, b − a.
+        A Markdown table: task, metric, each report's value, and each later report's change from the first.
     """
-    ra, rb = _read_report(a), _read_report(b)
-    rows = [f"a: {a} ({ra['model'].get('path', '?')})", f"b: {b} ({rb['model'].get('path', '?')})", "",
-            "| task | metric | a | b | Δ (b − a) |", "|---|---|---:|---:|---:|"]
-    for name in dict.fromkeys([*ra["tasks"], *rb["tasks"]]):
-        ma = ra["tasks"].get(name, {}).get("metrics", {})
-        mb = rb["tasks"].get(name, {}).get("metrics", {})
-        for metric in dict.fromkeys([*ma, *mb]):
-            va, vb = ma.get(metric), mb.get(metric)
-            delta = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
-            sign = "+" if delta is not None and delta > 0 else ""
-            rows.append(f"| {name} | {metric} | {_fmt(va)} | {_fmt(vb)} | "
-                        f"{sign + _fmt(delta) if delta is not None else '—'} |")
-    for name in [n for n in ra["tasks"] if n in rb["tasks"]]:
-        sa, sb = ra["tasks"][name].get("sha256"), rb["tasks"][name].get("sha256")
-        if sa and sb and sa != sb:
-            rows.append(f"\nnote: task {name} differs between the reports (its file or data changed)")
-    if ra.get("seed") != rb.get("seed"):
-        rows.append(f"\nnote: seeds differ (a: {ra.get('seed')}, b: {rb.get('seed')})")
+    paths = [*(reports if isinstance(reports, (list, tuple)) else [reports]), *more]
+    if len(paths) < 2:
+        raise ConfigError(f"compare needs two or more reports; got {len(paths)}")
+    loaded = [_read_report(Path(p)) for p in paths]
+    names = [chr(ord("a") + i) if i < 26 else f"r{i + 1}" for i in range(len(paths))]
+    rows = [f"{n}: {p} ({r['model'].get('path') or _endpoint_label(r['model']) or '?'})"
+            for n, p, r in zip(names, paths, loaded)]
+    deltas = [f"Δ ({n} − a)" for n in names[1:]]
+    rows += ["", f"| task | metric | {' | '.join(names)} | {' | '.join(deltas)} |",
+             "|---|---|" + "---:|" * (len(names) + len(deltas))]
+    first = loaded[0]
+    for name in dict.fromkeys(t for r in loaded for t in r["tasks"]):
+        metrics = [r["tasks"].get(name, {}).get("metrics", {}) for r in loaded]
+        for metric in dict.fromkeys(m for ms in metrics for m in ms):
+            values = [ms.get(metric) for ms in metrics]
+            cells = [_fmt(v) for v in values] + [_delta(values[0], v) for v in values[1:]]
+            rows.append(f"| {name} | {metric} | {' | '.join(cells)} |")
+    for n, report in zip(names[1:], loaded[1:]):
+        for name in [t for t in first["tasks"] if t in report["tasks"]]:
+            sa, sb = first["tasks"][name].get("sha256"), report["tasks"][name].get("sha256")
+            if sa and sb and sa != sb:
+                rows.append(f"\nnote: task {name} differs between a and {n} (its file or data changed)")
+    seeds = [r.get("seed") for r in loaded]
+    if len(set(seeds)) > 1:
+        rows.append("\nnote: seeds differ (" + ", ".join(f"{n}: {s}" for n, s in zip(names, seeds)) + ")")
     return "\n".join(rows)
+
+
+def _delta(base: Any, value: Any) -> str:
+    if not (isinstance(base, (int, float)) and isinstance(value, (int, float))):
+        return "—"
+    delta = value - base
+    return ("+" if delta > 0 else "") + _fmt(delta)
 
 
 def _version() -> str:

@@ -113,6 +113,16 @@ def score_pairs(lm: LM, pairs: Sequence[tuple[list[int], list[int]]], *, batch_s
     return scores  # type: ignore[return-value]
 
 
+def loglikelihoods(lm: Any, task: Task, requests: list[tuple[Example, str, str]], *, batch_size: int,
+                   bar: Progress) -> list[Score]:
+    """Score each (example, context, continuation): a local model in batches through `score_pairs`; a model
+    with its own `loglikelihoods` (an HTTP endpoint, `lmforge.eval.remote`) through that."""
+    if hasattr(lm, "loglikelihoods"):
+        return lm.loglikelihoods(task, requests, progress=bar)
+    pairs = [check_pair(lm, task, e, encode_pair(lm, context, continuation)) for e, context, continuation in requests]
+    return score_pairs(lm, pairs, batch_size=batch_size, progress=bar)
+
+
 def _warn_truncated(task: Task, count: int, total: int, window: int) -> None:
     if count:
         warnings.warn(f"{task.path}: {count} of {total} prompts were longer than the model's context "
@@ -122,12 +132,11 @@ def _warn_truncated(task: Task, count: int, total: int, window: int) -> None:
 def run_multiple_choice(lm: LM, task: Task, contexts: list[str], *, batch_size: int, bar: Progress) -> dict:
     """acc: the choice with the highest loglikelihood is the answer; acc_norm: the same after dividing each
     loglikelihood by the choice's length in characters, as lm-evaluation-harness does (`len(choice)`)."""
-    pairs, starts = [], []
+    requests, starts = [], []
     for example, context in zip(task.examples, contexts):
-        starts.append(len(pairs))
-        pairs += [check_pair(lm, task, example, encode_pair(lm, context, task.target_delimiter + choice))
-                  for choice in task.choices(example)]
-    scores = score_pairs(lm, pairs, batch_size=batch_size, progress=bar)
+        starts.append(len(requests))
+        requests += [(example, context, task.target_delimiter + choice) for choice in task.choices(example)]
+    scores = loglikelihoods(lm, task, requests, batch_size=batch_size, bar=bar)
     details, acc, acc_norm, truncated = [], [], [], 0
     for i, example in enumerate(task.examples):
         choices = task.choices(example)
@@ -151,9 +160,8 @@ def run_loglikelihood(lm: LM, task: Task, contexts: list[str], *, batch_size: in
     """loglikelihood: mean per example; perplexity: exp(−Σ ll / Σ tokens); bits_per_byte: −Σ ll / (ln 2 ·
     UTF-8 bytes of the continuations); acc: share of continuations that greedy decoding would produce."""
     continuations = [task.render(task.options["continuation"], e, "continuation") for e in task.examples]
-    pairs = [check_pair(lm, task, e, encode_pair(lm, c, task.target_delimiter + cont))
-             for e, c, cont in zip(task.examples, contexts, continuations)]
-    scores = score_pairs(lm, pairs, batch_size=batch_size, progress=bar)
+    requests = [(e, c, task.target_delimiter + cont) for e, c, cont in zip(task.examples, contexts, continuations)]
+    scores = loglikelihoods(lm, task, requests, batch_size=batch_size, bar=bar)
     total = sum(s.loglikelihood for s in scores)
     n_bytes = sum(len((task.target_delimiter + c).encode("utf-8")) for c in continuations)
     values = {"loglikelihood": total / len(scores),
@@ -173,7 +181,7 @@ def _generate(lm: LM, prompts: list[str], *, max_new_tokens: int, stop: list[str
     stop strings and seed, so each equals its one-at-a-time completion), and how many prompts were cut to
     fit; generate's own per-prompt warning is counted instead."""
     keep = max(1, lm.config.max_position_embeddings - max_new_tokens)
-    truncated = sum(len(ids) > keep for ids in lm.tokenizer.encode_batch(prompts))
+    truncated = sum(len(ids) > keep for ids in lm.tokenizer.encode_batch(prompts)) if lm.tokenizer is not None else 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         texts = lm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, seed=seeds)

@@ -26,6 +26,7 @@ from lmforge.errors import ConfigError
 from lmforge.infer.beam import BeamSearch
 from lmforge.infer.cache import GiB, SlotCache, available_memory, kv_bytes, plan_max_model_len
 from lmforge.infer.fast import decode_model
+from lmforge.infer.recompute import Recompute, TokenCache, keeps_kv_cache
 from lmforge.infer.sampling import SamplingParams, sample_batch
 from lmforge.infer.text import TextStream, special_stop_ids
 from lmforge.model.gpt import causal_mask
@@ -90,7 +91,9 @@ class Engine:
     """Runs many requests through one model at once; see the module docstring.
 
     Args:
-        model: A decoder with `forward(idx, cache, positions=, attention_mask=)` and a `config`.
+        model: A decoder with `forward(idx, cache, positions=, attention_mask=)` and a `config`; a model whose
+            class sets `kv_cache = False` (the LSTM and n-gram baselines) is decoded by recomputing from its
+            tokens (`lmforge.infer.recompute`).
         tokenizer: Turns tokens into text and stop strings into stops; without one, outputs carry ids only.
         max_batch: Most cache rows decoded together (a request takes one, a beam search one per beam).
         max_model_len: Most positions (prompt + new tokens) per request. By default the model's context, or
@@ -106,8 +109,9 @@ class Engine:
                  preallocate: bool = True) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be at least 1")
-        self.source, self.fast, self.tokenizer = model, fast, tokenizer
-        self.model = decode_model(model) if fast else model
+        self.recompute = not keeps_kv_cache(model)
+        self.source, self.fast, self.tokenizer = model, fast and not self.recompute, tokenizer
+        self.model = Recompute(model) if self.recompute else decode_model(model) if self.fast else model
         self.config = model.config
         self.context = self.config.max_position_embeddings
         self.max_batch = max_batch
@@ -119,21 +123,25 @@ class Engine:
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.max_model_len = self._plan(max_model_len, preallocate)
-        self.cache_bytes = kv_bytes(self.config, max_batch, self.max_model_len, self.dtype)
+        self.cache_bytes = (8 * max_batch * self.max_model_len if self.recompute
+                            else kv_bytes(self.config, max_batch, self.max_model_len, self.dtype))
         log.log(logging.INFO if preallocate else logging.DEBUG, "max_model_len %d (model context %d): KV cache "
                 "%.2f GiB for %d rows", self.max_model_len, self.context, self.cache_bytes / GiB, max_batch)
         with torch.inference_mode():
             rows, length = (max_batch, self.max_model_len) if preallocate else (0, 0)
-            self.cache = SlotCache(self.config, rows, length, self.device, self.dtype)
+            self.cache = (TokenCache(rows, length, self.device) if self.recompute
+                          else SlotCache(self.config, rows, length, self.device, self.dtype))
         self._penalty_state: tuple[Tensor, Tensor] | None = None  # seen [B, V] and counts [B, V], made on first use
         self.running: list[Request] = []
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         # The vocabulary head on the last position only: scoring every prompt position costs T×vocab for nothing.
-        self._split_head = hasattr(model, "hidden") and hasattr(model, "lm_head")
+        self._split_head = hasattr(model, "hidden") and hasattr(model, "lm_head") and not self.recompute
 
     def _plan(self, max_model_len: int | None, preallocate: bool) -> int:
         """The chosen max_model_len, refused where the model or the memory cannot hold it."""
+        if max_model_len is None and self.recompute:
+            return self.context  # a token cache: 8 bytes a position
         if max_model_len is None:
             planned = plan_max_model_len(self.config, self.max_batch, self.device, self.dtype)
             if planned < 1:
@@ -143,7 +151,7 @@ class Engine:
         if not 0 < max_model_len <= self.context:
             raise ConfigError(f"max_model_len={max_model_len} must be between 1 and the model's context "
                               f"({self.context})")
-        if preallocate:
+        if preallocate and not self.recompute:
             wanted = kv_bytes(self.config, self.max_batch, max_model_len, self.dtype)
             free = available_memory(self.device)
             if wanted > free:

@@ -108,12 +108,14 @@ def perplexity_of(model: nn.Module, tokenizer: Tokenizer, data: Path, *, field: 
                   precision: str = "32", device: torch.device | str = "cpu", progress: bool = True
                   ) -> PerplexityResult:
     """Score every text under `data` (or a packed dataset's val split) with windows of `block_size` tokens
-    advancing by `stride` (default: the model's context, and half of it)."""
+    advancing by `stride` (default: the model's context, and half of it, or all but an n-gram's n−1)."""
     context = model.config.max_position_embeddings
     block_size = context if block_size is None else block_size
     if not 0 < block_size <= context:
         raise ConfigError(f"block_size={block_size} must be between 1 and the model's context ({context})")
-    stride = max(1, block_size // 2) if stride is None else stride
+    if stride is None:  # a model that reads only its last `history` tokens (an n-gram) needs no more overlap
+        history = getattr(model, "history", None)
+        stride = block_size - history if history is not None and history < block_size else max(1, block_size // 2)
     if not 0 < stride <= block_size:
         raise ConfigError(f"stride={stride} must be between 1 and block_size={block_size}")
     ids, score, text_bytes = token_stream(tokenizer, Path(data), field)

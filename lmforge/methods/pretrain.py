@@ -2,23 +2,61 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from lmforge.checkpoint import generation_defaults, load_decoder, load_weights, resolve_model_config, save_checkpoint
+from lmforge.checkpoint import (
+    build_model,
+    generation_defaults,
+    load_decoder,
+    load_weights,
+    read_config,
+    resolve_model_config,
+    save_checkpoint,
+)
 from lmforge.config import ModelConfig
 from lmforge.data.pack import PackedDataset
 from lmforge.errors import ConfigError, DataError
-from lmforge.model.gpt import GPT
+from lmforge.methods.ngram import fit_ngram
+from lmforge.model.lstm import LSTMConfig
+from lmforge.model.ngram import ngram_order
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loaders import WindowLoader
 from lmforge.train.losses import lm_loss
 from lmforge.train.shell import Context, Method, training_verb
 
+NGRAM_OPTIONS = {"data", "model", "out", "discount", "progress", "device"}  # the rest are for training by gradient
 
+
+def _counts_ngrams(verb: Callable[..., Path]) -> Callable[..., Path]:
+    """`--model ngram-N` is counted in one pass (`lmforge.methods.ngram`), not trained in the loop: there is no
+    step to limit, no optimizer and nothing to resume, so any of those options given is refused by name."""
+    signature = inspect.signature(verb)
+
+    @functools.wraps(verb)
+    def counted_or_trained(*args: Any, **kwargs: Any) -> Path:
+        bound = signature.bind(*args, **kwargs)
+        order = ngram_order(bound.arguments.get("model"))
+        if order is None:
+            return verb(*args, **kwargs)
+        bound.apply_defaults()
+        for name, value in bound.arguments.items():
+            if name not in NGRAM_OPTIONS and value != signature.parameters[name].default:
+                raise ConfigError(f"--{name.replace('_', '-')} does not apply to an n-gram model (it is counted in "
+                                  "one pass over the data, not trained); drop it")
+        values = bound.arguments
+        return fit_ngram(values["data"], order, values["out"], discount=values["discount"], progress=values["progress"])
+
+    return counted_or_trained
+
+
+@_counts_ngrams
 @training_verb("pretrain", default_epochs=None, out=Path("runs/pretrain"))
 def pretrain(
     ctx: Context,
@@ -28,33 +66,41 @@ def pretrain(
     block_size: int | None = None,
     init: Literal["normal", "xavier", "he"] | None = None,
     dropout: float | None = None,
+    discount: float | None = None,
 ) -> Method:
     """Train a language model from scratch on a packed dataset.
 
     Run under `torchrun --nproc-per-node N` for data-parallel training (gloo on CPU, nccl on GPU);
-    `batch_size` is then per process. Ctrl-C finishes the current step, saves, and exits.
+    `batch_size` is then per process. Ctrl-C finishes the current step, saves, and exits. The baselines
+    train the same way: `lstm-tiny` / `lstm-small` in this loop; `ngram-N` (N = 1..9) is counted in one pass
+    (interpolated modified Kneser-Ney), seconds on a CPU, and takes no training options.
 
     Args:
         data: Directory written by `lmforge data pack`.
-        model: A preset name (see `lmforge models`) or a checkpoint directory to continue from
+        model: A preset name (see `lmforge models`), `ngram-N`, or a checkpoint directory to continue from
             (default: llama-tiny).
         block_size: Tokens per training window (default: the model's context length).
         init: Weight initialisation (normal = GPT-2 style, xavier, he); default from the preset.
         dropout: Dropout probability (default from the preset, 0 for all built-in presets).
+        discount: n-gram models only: one absolute discount for every count (interpolated Kneser-Ney as
+            NLTK computes it); default: modified Kneser-Ney's three discounts per order, estimated from the
+            counts (Chen & Goodman 1998).
 
     Returns:
         The checkpoint directory.
     """
     if data is None:
         raise ConfigError("--data is required (a directory written by `lmforge data pack`)")
+    if discount is not None:
+        raise ConfigError(f"--discount applies to n-gram models (--model ngram-N), not {model or 'llama-tiny'}")
     data = Path(data)
     if ctx.resume is not None:
-        config = ModelConfig.load(ctx.resume / "config.json")
-        net = GPT(config)
+        config = read_config(ctx.resume)
+        net = build_model(config)
         load_weights(net, ctx.resume)
     else:
         config = _model_config(model or "llama-tiny", data, init, dropout)
-        net = GPT(config)
+        net = build_model(config)
         if model is not None and Path(model).is_dir():  # continue from its weights (ours or a Hugging Face folder)
             net.load_state_dict(load_decoder(Path(model), dtype=torch.float32).model.state_dict())
     block_size = block_size or config.max_position_embeddings
@@ -77,7 +123,7 @@ def pretrain(
     return Method(net, loader, lm_loss, save, val_loader=val_loader, summary=summary)
 
 
-def _model_config(model: str, data: Path, init: str | None, dropout: float | None) -> ModelConfig:
+def _model_config(model: str, data: Path, init: str | None, dropout: float | None) -> ModelConfig | LSTMConfig:
     meta = PackedDataset(data, "train").meta
     overrides = {k: v for k, v in (("init", init), ("dropout", dropout)) if v is not None}
     if Path(model).is_dir():

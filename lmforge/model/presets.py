@@ -6,6 +6,7 @@ import torch
 
 from lmforge.config import PRESETS, preset
 from lmforge.model.gpt import GPT
+from lmforge.model.lstm import LSTM_PRESETS, LSTMLM, lstm_preset
 
 
 def models() -> str:
@@ -18,4 +19,11 @@ def models() -> str:
         rows.append(f"{name:<21} {c.family:<7} {c.num_hidden_layers:>6} {c.hidden_size:>6} "
                     f"{c.num_attention_heads:>6} {c.num_key_value_heads:>3} {c.max_position_embeddings:>8} "
                     f"{n / 1e6:>6.1f}M")
+    rows += ["", "baselines             layers  width  params (at vocab 8192)"]
+    for name in LSTM_PRESETS:
+        c = lstm_preset(name)
+        with torch.device("meta"):
+            n = LSTMLM(c).num_params()
+        rows.append(f"{name:<21} {c.num_hidden_layers:>6} {c.hidden_size:>6}  {n / 1e6:.1f}M (LSTM, tied embedding)")
+    rows.append("ngram-N (N = 1..9)    interpolated modified Kneser-Ney over token ids, counted in one pass")
     return "\n".join(rows)
