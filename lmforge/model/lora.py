@@ -66,7 +66,7 @@ class LoRALinear(nn.Module):
         self.parts = dict(sorted(parts.items(), key=lambda kv: kv[1][0]))
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout)
-        device = next(iter(base.buffers() if isinstance(base, Int8Linear) else base.parameters())).device
+        device = next(base.parameters()).device
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name, (lo, hi) in self.parts.items():
@@ -213,7 +213,7 @@ def merge_lora(model: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; an int8 base's weights count toward the total."""
+    """(trainable, total) parameter counts; an int8 base's frozen weights count toward the total."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
@@ -222,5 +222,4 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    total += sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8Linear))
     return trainable, total

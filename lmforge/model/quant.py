@@ -1,26 +1,102 @@
-"""Int8 weight-only quantization for a frozen base: the memory-saving idea of QLoRA (Dettmers et al. 2023) on CPU.
+"""Weight-only quantization: int8 per output channel and int4 group-wise, run by PyTorch's CPU kernels.
 
-Each output row of a weight matrix gets one scale, s = max|w_row| / 127, and the row is stored as
-round(w / s) in int8 (per-channel symmetric quantization, as in LLM.int8(), Dettmers et al. 2022, without
-its outlier split). The layer dequantizes on the fly in both passes, through its own autograd function, so
-neither pass keeps a full-precision copy of the matrix alive: that is the point — the base stores a quarter
-of its fp32 bytes while LoRA adapters (kept in full precision) learn on top.
+int8 (per-channel symmetric, as LLM.int8(), Dettmers et al. 2022, without its outlier split): each output row
+gets one scale s = max|w_row| / 127 and is stored as round(w / s). int4 (group-wise asymmetric round-to-nearest,
+the layout of GPTQ/AWQ checkpoints and of torchao's int4 weight-only): each run of `group_size` inputs of a row
+gets a scale s = (max − min) / 15 and a zero z = min + 8·s, and is stored as q = round((w − z)/s + 8) in 0..15,
+so w ≈ (q − 8)·s + z. Two int4 values share a byte in the file (even input column in the low nibble).
+
+Decoding one token streams every weight from memory once, so fewer bytes per weight is more tokens per
+second. At batch 1 (and a few rows) the layers call `aten._weight_int8pack_mm` and
+`aten._weight_int4pack_mm_for_cpu`, which read the packed weights directly; for a long prompt (many rows) they
+dequantize to the activations' dtype and run one dense matmul, which AMX does faster than those kernels.
+Their shape rules, measured on torch 2.13: the int8 kernel crashes or returns garbage for bf16/fp16 inputs
+unless in_features % 16 == 0; the int4 kernel needs out_features % 16 == 0 and group_size in 32/64/128/256
+dividing in_features. `fits` says which scheme a layer can take, by name, and `quantize_model` falls back
+int4 → int8 → full precision for a layer that does not fit.
+
+Quantized layers hold their integers and scales as frozen parameters, so a checkpoint saves, loads and moves
+them like any weight (`model.to(torch.bfloat16)` casts the scales, never the integers). The same `Int8Linear`
+is the frozen int8 base of LoRA (QLoRA's memory saving on CPU): it then dequantizes in both passes through
+its own autograd function, so training never keeps a float copy of the matrix.
 """
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.errors import CheckpointError, ConfigError
 
-def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(int8 matrix, fp32 scale per output row); a zero row gets scale 1 so nothing divides by zero."""
+Scheme = Literal["int8", "int4"]
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+KERNEL_MAX_ROWS = 16  # above this many input rows (a prefill) dequantize + one dense matmul is faster
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def quantize_per_channel(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(int8 matrix, scale per output row in `scale_dtype`); a zero row gets scale 1 so nothing divides by zero.
+
+    The integers are rounded against the scale as stored, so q·s is the nearest grid point to w."""
     w = weight.detach().float()
     scale = w.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_groupwise(weight: Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """(q in 0..15 as uint8 [out, in], scale [out, in/group], zero [out, in/group]) with w ≈ (q − 8)·scale + zero.
+
+    Min-max asymmetric per group uses all 16 levels, where a symmetric grid would waste one side of a skewed
+    group. Scale and zero are rounded to `scale_dtype` first, and q against them."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    groups = w.reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-8).to(scale_dtype)
+    zero = (low + 8 * scale.float()).to(scale_dtype)
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(out_features, in_features), scale, zero
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """[out, in] values 0..15 → [out, in/2] bytes: even column in the low nibble, odd column in the high one."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The inverse of `pack_int4`: [out, in/2] bytes → [out, in] uint8 values 0..15."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def fits(scheme: Scheme, out_features: int, in_features: int, group_size: int = 128) -> str | None:
+    """Why a layer of this shape cannot take `scheme` on the CPU kernels, or None if it can."""
+    if scheme == "int8":
+        return None if in_features % 16 == 0 else f"in_features={in_features} is not a multiple of 16"
+    if group_size not in INT4_GROUP_SIZES:
+        return f"group_size={group_size} is not one of {INT4_GROUP_SIZES}"
+    if in_features % group_size:
+        return f"in_features={in_features} is not a multiple of group_size={group_size}"
+    if out_features % 16:
+        return f"out_features={out_features} is not a multiple of 16"
+    return None
+
+
+def _use_kernel(x: Tensor) -> bool:
+    """The packed-weight kernels serve inference on the CPU at a few rows; training and prefill dequantize."""
+    rows = x.numel() // x.shape[-1]
+    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and rows <= KERNEL_MAX_ROWS
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -41,28 +117,123 @@ class _Int8Matmul(torch.autograd.Function):
 
 
 class Int8Linear(nn.Module):
-    """A frozen nn.Linear stored as int8 rows plus one fp32 scale per row (buffers, never parameters)."""
+    """A frozen nn.Linear stored as int8 rows plus one scale per row."""
+
+    scheme = "int8"
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.weight_int8 = _frozen(q)
+        self.weight_scale = _frozen(scale)
+        self.bias = None if bias is None else _frozen(bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale = quantize_per_channel(linear.weight)
-        return cls(q, scale, linear.bias)
+    def from_linear(cls, linear: nn.Linear, scale_dtype: torch.dtype = torch.float32) -> Int8Linear:
+        q, scale = quantize_per_channel(linear.weight, scale_dtype)
+        return cls(q, scale, None if linear.bias is None else linear.bias.to(scale_dtype))
 
-    def dequantized_weight(self) -> Tensor:
-        return self.weight_int8.float() * self.weight_scale[:, None]
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool) -> Int8Linear:
+        """Shaped for loading a checkpoint's tensors into."""
+        return cls(torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(out_features),
+                   torch.zeros(out_features) if bias else None)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """q·s, exactly: both factors are exact in float32 and their product rounds once."""
+        return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        return _Int8Matmul.apply(x, self.weight_int8, self.weight_scale, self.bias)
+        if not (_use_kernel(x) and (x.dtype == torch.float32 or self.in_features % 16 == 0)):
+            return _Int8Matmul.apply(x, self.weight_int8, self.weight_scale, self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8,
+                                               self.weight_scale.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """A frozen nn.Linear stored as int4 groups (two per byte) with a scale and a zero per group.
+
+    The CPU kernel wants its own packing of the integers and a [in/group, out, 2] table of scales and zeros;
+    both are made from the stored tensors on first use and kept (a second, kernel-shaped copy of the int4
+    weight in memory) until the stored tensors change.
+    """
+
+    scheme = "int4"
+
+    def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, group_size: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        if reason := fits("int4", self.out_features, self.in_features, group_size):
+            raise ValueError(f"int4 layer of shape {self.out_features}×{self.in_features}: {reason}")
+        self.group_size = group_size
+        self.weight_int4 = _frozen(packed)
+        self.weight_scale = _frozen(scale)
+        self.weight_zero = _frozen(zero)
+        self.bias = None if bias is None else _frozen(bias.detach().clone())
+        self._kernel: dict[str, Any] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, scale_dtype: torch.dtype = torch.float32
+                    ) -> Int4Linear:
+        q, scale, zero = quantize_groupwise(linear.weight, group_size, scale_dtype)
+        return cls(pack_int4(q), scale, zero, None if linear.bias is None else linear.bias.to(scale_dtype),
+                   group_size)
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool, group_size: int) -> Int4Linear:
+        groups = (out_features, in_features // group_size)
+        return cls(torch.zeros(out_features, in_features // 2, dtype=torch.uint8), torch.ones(groups),
+                   torch.zeros(groups), torch.zeros(out_features) if bias else None, group_size)
+
+    def int_values(self) -> Tensor:
+        """The stored integers q in 0..15, [out, in]."""
+        return unpack_int4(self.weight_int4)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(q − 8)·scale + zero, group by group."""
+        q = self.int_values().to(dtype).reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.weight_scale.to(dtype)[..., None] + self.weight_zero.to(dtype)[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def _kernel_tensors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(kernel-packed weight, scales-and-zeros in `dtype`), rebuilt when a stored tensor changes."""
+        key = (dtype, *((p.data_ptr(), p._version) for p in (self.weight_int4, self.weight_scale, self.weight_zero)))
+        if self._kernel.get("key") != key:
+            with torch.no_grad():
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.int_values().to(torch.int32), 1)
+                table = torch.stack([self.weight_scale, self.weight_zero], dim=-1).transpose(0, 1)
+                self._kernel = {"key": key, "packed": packed, "table": table.to(dtype).contiguous()}
+        return self._kernel["packed"], self._kernel["table"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _use_kernel(x):
+            return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        packed, table = self._kernel_tensors(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size,
+                                                       table)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+QUANTIZED = (Int8Linear, Int4Linear)
+
+
+def _linears(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(full name, parent, attribute, layer) of every layer of `types`, in module order."""
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, types):
+                found.append((f"{name}.{child_name}" if name else child_name, module, child_name, child))
+    return found
 
 
 def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
@@ -70,28 +241,89 @@ def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> 
     Int8Linear in place; returns the names replaced. Embeddings and norms stay in full precision."""
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     replaced = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if (isinstance(child, nn.Linear) and child_name not in skip and full not in skip
-                    and id(child.weight) not in shared):
-                setattr(module, child_name, Int8Linear.from_linear(child))
-                replaced.append(full)
+    for full, parent, child_name, child in _linears(model, (nn.Linear,)):
+        if child_name not in skip and full not in skip and id(child.weight) not in shared:
+            setattr(parent, child_name, Int8Linear.from_linear(child))
+            replaced.append(full)
     return replaced
 
 
+def quantize_model(model: nn.Module, scheme: Scheme, *, group_size: int = 128, head: Scheme | None = "int8",
+                   scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
+    """Quantize every nn.Linear of a decoder in place: `scheme` for the blocks, `head` (None: keep) for lm_head.
+
+    A layer whose shape the kernels refuse falls back int4 → int8 → full precision. A head tied to the
+    embedding gets its own quantized copy: the embedding (a row lookup per token, no matmul) stays as it is.
+    Returns {layer name: "int8" | "int4" | "kept: <why>"}.
+    """
+    if group_size not in INT4_GROUP_SIZES:
+        raise ConfigError(f"group_size={group_size} is not one of {INT4_GROUP_SIZES} (the int4 kernel's)")
+    done: dict[str, str] = {}
+    for full, parent, child_name, child in _linears(model, (nn.Linear,)):
+        wanted = head if full == "lm_head" else scheme
+        if wanted is None:
+            done[full] = "kept: --head none"
+            continue
+        reasons = []
+        for option in ("int4", "int8") if wanted == "int4" else ("int8",):
+            reason = fits(option, child.out_features, child.in_features, group_size)
+            if reason is None:
+                layer = (Int4Linear.from_linear(child, group_size, scale_dtype) if option == "int4"
+                         else Int8Linear.from_linear(child, scale_dtype))
+                setattr(parent, child_name, layer.to(child.weight.device))
+                done[full] = option + (f" ({reasons[0]} for int4)" if reasons else "")
+                break
+            reasons.append(reason)
+        else:
+            done[full] = "kept: " + "; ".join(reasons)
+    return done
+
+
+def layout_of(model: nn.Module) -> dict[str, Any] | None:
+    """What a checkpoint's config.json records of a quantized model: each quantized layer's scheme and the
+    int4 group size (one per model), and the float dtype it runs in; None when no layer is quantized."""
+    layers = _linears(model, QUANTIZED)
+    if not layers:
+        return None
+    groups = sorted({layer.group_size for *_, layer in layers if isinstance(layer, Int4Linear)})
+    if len(groups) > 1:
+        raise ValueError(f"int4 layers with group sizes {groups}: a checkpoint records one group size")
+    scale_dtype = layers[0][3].weight_scale.dtype
+    return {"method": "weight-only round-to-nearest", "group_size": groups[0] if groups else None,
+            "dtype": str(scale_dtype).removeprefix("torch."),
+            "layers": {full: layer.scheme for full, _, _, layer in layers}}
+
+
+def apply_layout(model: nn.Module, layout: dict[str, Any] | None, source: str = "config.json") -> None:
+    """Swap the nn.Linear layers a recorded layout names for empty quantized layers of the same shape, so the
+    checkpoint's integers and scales load into them."""
+    if not layout:
+        return
+    linears = {full: (parent, child_name, child) for full, parent, child_name, child in _linears(model, (nn.Linear,))}
+    for full, scheme in layout["layers"].items():
+        if full not in linears:
+            raise CheckpointError(f"{source}: quantization names layer {full!r}, which this model does not have")
+        parent, child_name, child = linears[full]
+        bias = child.bias is not None
+        if scheme == "int8":
+            layer = Int8Linear.empty(child.out_features, child.in_features, bias)
+        elif scheme == "int4":
+            layer = Int4Linear.empty(child.out_features, child.in_features, bias, layout["group_size"])
+        else:
+            raise CheckpointError(f"{source}: layer {full!r} has quantization scheme {scheme!r}; known: int8, int4")
+        setattr(parent, child_name, layer)
+
+
 def dequantize_linears(model: nn.Module) -> int:
-    """Turn every Int8Linear back into an nn.Linear holding its dequantized weight (for saving); returns how many."""
+    """Turn every quantized layer back into an nn.Linear holding its dequantized weight; returns how many."""
     count = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Int8Linear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=child.weight_int8.device)
-                with torch.no_grad():
-                    linear.weight.copy_(child.dequantized_weight())
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias)
-                setattr(module, child_name, linear)
-                count += 1
+    for _, parent, child_name, child in _linears(model, QUANTIZED):
+        device = child.weight_scale.device
+        linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(child.dequantized_weight())
+            if child.bias is not None:
+                linear.bias.copy_(child.bias)
+        setattr(parent, child_name, linear)
+        count += 1
     return count

@@ -1,4 +1,4 @@
-"""Losses, in one place: next-token cross-entropy (pretraining) and SFT over packed windows.
+"""Losses, in one place: next-token cross-entropy (pretraining), SFT over packed windows, and distillation.
 
 Every loss the loop calls returns (summed loss, how many targets it sums). The loop divides the
 accumulated gradient by the targets of the whole optimizer step, across micro-batches and ranks, so
@@ -8,6 +8,8 @@ nothing, which is how SFT trains on assistant tokens only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +49,33 @@ def sft_loss(model: nn.Module, x: dict[str, Tensor], y: Tensor) -> tuple[Tensor,
     window = getattr(getattr(model, "module", model).config, "sliding_window", None)  # `module`: under DDP
     mask = block_diagonal_mask(x["segments"], window)
     return token_loss(model(x["input_ids"], positions=x["positions"], attention_mask=mask), y)
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, y: Tensor, *, temperature: float = 2.0, alpha: float = 0.5,
+                      reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """α·T²·KL(p_teacher ‖ p_student) + (1 − α)·CE(student, y), summed over the targets, and their count.
+
+    Knowledge distillation (Hinton et al. 2015): both distributions are softened, p = softmax(logits / T), so the
+    student also learns how the teacher ranks the wrong tokens; the T² keeps the soft term's gradients on the
+    scale of the hard term's whatever T is. Forward KL makes the student cover all of the teacher's mass;
+    `reverse` uses KL(p_student ‖ p_teacher), which seeks the teacher's modes (MiniLLM, Gu et al. 2024).
+    """
+    keep = y != IGNORE_INDEX
+    log_s = F.log_softmax(student[keep].float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher[keep].float() / temperature, dim=-1)
+    p, log_p, log_q = (log_s.exp(), log_s, log_t) if reverse else (log_t.exp(), log_t, log_s)
+    kl = (p * (log_p - log_q)).sum()  # KL(p ‖ q) = Σ p·(log p − log q)
+    ce, count = token_loss(student, y)
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce, count
+
+
+def distill_loss(teacher: nn.Module, *, temperature: float = 2.0, alpha: float = 0.5, reverse: bool = False
+                 ) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The loop's loss for distillation: the frozen teacher's logits computed on the fly for each batch."""
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        return distillation_loss(model(x), teacher_logits, y, temperature=temperature, alpha=alpha, reverse=reverse)
+
+    return loss
