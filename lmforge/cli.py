@@ -17,6 +17,10 @@ from lmforge.errors import LMForgeError
 
 
 def verbs() -> dict[str, Any]:
+    from lmforge.compress.distill import distill
+    from lmforge.compress.prune import prune
+    from lmforge.compress.quantize import quantize
+    from lmforge.compress.report import compress_report
     from lmforge.convert import from_hf, to_hf
     from lmforge.data.annotate import annotate, merge_labels, validate
     from lmforge.data.pack import pack
@@ -25,6 +29,8 @@ def verbs() -> dict[str, Any]:
     from lmforge.demo import demo
     from lmforge.eval.evaluate import compare, evaluate
     from lmforge.eval.perplexity import perplexity
+    from lmforge.export.gguf import export_gguf
+    from lmforge.export.onnx import export_onnx
     from lmforge.infer.chat import chat
     from lmforge.infer.generate import generate
     from lmforge.infer.server import serve
@@ -45,6 +51,8 @@ def verbs() -> dict[str, Any]:
         "predict": predict,
         "eval": {"run": evaluate, "compare": compare, "perplexity": perplexity},
         "convert": {"from-hf": from_hf, "to-hf": to_hf},
+        "compress": {"quantize": quantize, "prune": prune, "distill": distill, "report": compress_report},
+        "export": {"gguf": export_gguf, "onnx": export_onnx, "hf": to_hf},
         "generate": generate,
         "chat": chat,
         "serve": serve,
@@ -83,15 +91,20 @@ def eval_shorthand(argv: list[str]) -> list[str]:
     return argv
 
 
-# Verbs whose leading bare arguments name options: `lmforge convert from-hf DIR` = `... --path DIR`.
+# Verbs whose leading bare arguments name options: `lmforge convert from-hf DIR` = `... --path DIR`; a name
+# ending in * takes every remaining bare argument as one list (`eval compare a.json b.json c.json`).
 POSITIONAL: dict[tuple[str, ...], tuple[str, ...]] = {
     ("convert", "from-hf"): ("path",),
     ("convert", "to-hf"): ("model",),
+    ("export", "gguf"): ("model",),
+    ("export", "onnx"): ("model",),
+    ("export", "hf"): ("model",),
     ("data", "stats"): ("input",),
+    ("compress", "report"): ("models*",),
     ("data", "validate"): ("path",),
     ("data", "merge-labels"): ("prelabeled", "reviewed"),
     ("merge-lora",): ("adapter",),
-    ("eval", "compare"): ("a", "b"),
+    ("eval", "compare"): ("reports*",),
 }
 
 
@@ -100,9 +113,13 @@ def positional_shorthand(argv: list[str]) -> list[str]:
         if tuple(argv[:len(verb)]) == verb:
             rest = argv[len(verb):]
             bare = 0
-            while bare < min(len(names), len(rest)) and not rest[bare].startswith("-"):
+            many = names[-1].endswith("*")
+            while bare < (len(rest) if many else min(len(names), len(rest))) and not rest[bare].startswith("-"):
                 bare += 1
-            options = [x for name, value in zip(names, rest[:bare]) for x in (f"--{name}", value)]
+            values = rest[:bare]
+            if many:
+                values = [*values[:len(names) - 1], json.dumps(values[len(names) - 1:])]
+            options = [x for name, value in zip(names, values) for x in (f"--{name.rstrip('*')}", value)]
             return [*verb, *options, *rest[bare:]]
     return argv
 
