@@ -3,10 +3,14 @@
 What it measures
     Tokens per second of greedy decoding, one sequence, through lmforge's engine (the path `generate`, `serve`
     and `LM.generate` take), for three copies of one random model: bf16 (Linear weights prepacked for oneDNN,
-    our fastest float decode on CPU), int8 per output channel, and int4 group-wise (g128) with an int8 head,
-    both with bf16 activations as `lmforge compress quantize` writes them. Two shapes: GPT-2 124M (the `gpt2`
-    preset: tied 50257×768 embedding, which the int8 head copies) and a Llama shape (TinyLlama 1.1B: width
-    2048, 22 layers, 32 heads / 4 KV heads, SwiGLU 5632, untied 32000-token head).
+    our fastest float decode on CPU), int8 per output channel, and int4 group-wise (g128) with an int8 head
+    (`--head int4`: an int4 head too), both with bf16 activations as `lmforge compress quantize` writes them.
+    Two shapes: GPT-2 124M (the `gpt2` preset: tied 50257×768 embedding, which the quantized head copies) and
+    a Llama shape (TinyLlama 1.1B: width 2048, 22 layers, 32 heads / 4 KV heads, SwiGLU 5632, untied
+    32000-token head).
+
+    The integer kernels are compute-bound on this CPU: where bf16 decoding streams 75-90% of the measured
+    read bandwidth, int8 and int4 reach about half of theirs, so fewer bytes do not buy their full ratio.
 
 How
     Each round decodes `--tokens` new tokens after a `--prompt`-token prompt with every variant in turn; a
@@ -16,8 +20,8 @@ How
     the best of several sums over a 512 MiB buffer.
 
 Run
-    .venv/bin/python benchmarks/quant_decode.py                        # both shapes
-    .venv/bin/python benchmarks/quant_decode.py --models gpt2 --tokens 32 --rounds 3 --threads 2
+    .venv/bin/python benchmarks/quant_decode.py                        # both shapes, int8 head for int4
+    .venv/bin/python benchmarks/quant_decode.py --head int4 --models gpt2 --tokens 32 --rounds 3 --threads 2
 """
 
 from __future__ import annotations
@@ -63,19 +67,20 @@ def measure_bandwidth(repeats: int = 5) -> float:
     return buffer.numel() * 4 / best
 
 
-def variants(shape: str, group_size: int) -> dict[str, nn.Module]:
+def variants(shape: str, group_size: int, head: str) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = GPT(SHAPES[shape]()).to(torch.bfloat16).eval()
     out = {"bf16": base}
     for scheme in ("int8", "int4"):
         model = copy.deepcopy(base)
-        quantize_model(model, scheme, group_size=group_size, head="int8", scale_dtype=torch.bfloat16)
+        quantize_model(model, scheme, group_size=group_size, head="int8" if scheme == "int8" else head,
+                       scale_dtype=torch.bfloat16)
         out[scheme] = model.eval()
     return out
 
 
 def bench(shape: str, args: argparse.Namespace, bandwidth: float) -> None:
-    models = variants(shape, args.group_size)
+    models = variants(shape, args.group_size, args.head)
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(args.rounds):
         names = list(models) if r % 2 == 0 else list(models)[::-1]
@@ -98,6 +103,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--head", default="int8", help="the int4 model's head: int8 (as `compress quantize`) or int4")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -105,7 +111,7 @@ def main() -> None:
     bandwidth = measure_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"greedy, batch 1, {args.prompt}-token prompt, {args.tokens} new tokens × {args.rounds} rounds; "
-          f"int4 group {args.group_size}, int8 head")
+          f"int4 group {args.group_size}, {args.head} head for int4")
     print(f"{'shape':<6} {'params':>8} {'type':<5} {'MB/token':>9} {'tok/s':>8} {'vs bf16':>7} {'bound':>8} "
           f"{'% bound':>7}")
     for shape in args.models.split(","):

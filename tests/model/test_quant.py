@@ -70,14 +70,27 @@ def test_layer_output_equals_the_dense_matmul_with_the_dequantized_weight(scheme
         assert ((layer(xb).float() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 rounding of the output
 
 
-@pytest.mark.parametrize("scheme, kernel", [("int8", "aten::_weight_int8pack_mm"),
-                                            ("int4", "aten::_weight_int4pack_mm_for_cpu")])
-def test_batch_one_inference_runs_the_packed_integer_kernel(scheme, kernel):
-    _, layer = make(scheme, scale_dtype=torch.bfloat16)
+@pytest.mark.parametrize("scheme, in_features, kernel", [
+    ("int8", 256, "aten::_weight_int4pack_mm_for_cpu"),  # as two int4 planes
+    ("int8", 48, "aten::_weight_int8pack_mm"),  # in_features a multiple of 16, not of 32
+    ("int8", 2048, "aten::_weight_int8pack_mm"),  # long rows
+    ("int4", 256, "aten::_weight_int4pack_mm_for_cpu")])
+def test_batch_one_inference_runs_a_packed_integer_kernel(scheme, in_features, kernel):
+    _, layer = make(scheme, in_features=in_features, scale_dtype=torch.bfloat16)
     layer.to(torch.bfloat16)
     with torch.inference_mode(), torch.profiler.profile() as prof:
-        layer(torch.randn(1, 1, 256, dtype=torch.bfloat16))
+        layer(torch.randn(1, 1, in_features, dtype=torch.bfloat16))
     assert kernel in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_int8_planes_and_int4_rows_padded_to_the_kernels_multiple_of_16_give_the_dense_result(scheme):
+    """GPT-2's head has 50257 rows: the kernel's copy is padded to a multiple of 16 and the extra outputs dropped."""
+    _, layer = make(scheme, out_features=37, in_features=128)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias), atol=1e-4,
+                                   rtol=1e-5)
 
 
 def test_int8_backward_gives_the_dequantized_input_gradient():
@@ -92,22 +105,23 @@ def test_int8_backward_gives_the_dequantized_input_gradient():
 
 
 def test_shapes_the_kernels_refuse_fall_back_int4_to_int8_to_full_precision_by_name():
-    model = nn.ModuleDict({"fits": nn.Linear(128, 64), "odd_out": nn.Linear(128, 40), "odd_in": nn.Linear(40, 64),
+    model = nn.ModuleDict({"fits": nn.Linear(128, 40), "short_in": nn.Linear(48, 64), "odd_in": nn.Linear(40, 64),
                            "lm_head": nn.Linear(64, 48)})
     done = quantize_model(model, "int4", group_size=64)
-    assert done["fits"] == "int4"
-    assert done["odd_out"] == "int8 (out_features=40 is not a multiple of 16 for int4)"
-    assert done["odd_in"].startswith("kept: in_features=40 is not a multiple of group_size=64")
+    assert done["fits"] == "int4"  # 40 rows: the kernel's copy is padded to 48
+    assert done["short_in"] == "int8 (in_features=48 is not a multiple of group_size=64 for int4)"
+    assert done["odd_in"] == ("kept: in_features=40 is not a multiple of group_size=64; "
+                              "in_features=40 is not a multiple of 16")
     assert done["lm_head"] == "int8"  # the head's own setting
-    assert isinstance(model["fits"], Int4Linear) and isinstance(model["odd_out"], Int8Linear)
+    assert isinstance(model["fits"], Int4Linear) and isinstance(model["short_in"], Int8Linear)
     assert type(model["odd_in"]) is nn.Linear
     assert fits("int4", 64, 128, 96) == "group_size=96 is not one of (32, 64, 128, 256)"
 
 
 def test_layout_rebuilds_a_model_that_loads_the_quantized_tensors():
     torch.manual_seed(0)
-    source = nn.ModuleDict({"a": nn.Linear(128, 64), "b": nn.Linear(64, 24, bias=False), "lm_head": nn.Linear(24, 16)})
-    target = nn.ModuleDict({"a": nn.Linear(128, 64), "b": nn.Linear(64, 24, bias=False), "lm_head": nn.Linear(24, 16)})
+    source = nn.ModuleDict({"a": nn.Linear(128, 48), "b": nn.Linear(48, 24, bias=False), "lm_head": nn.Linear(24, 16)})
+    target = nn.ModuleDict({"a": nn.Linear(128, 48), "b": nn.Linear(48, 24, bias=False), "lm_head": nn.Linear(24, 16)})
     quantize_model(source, "int4", group_size=64, head=None)
     layout = layout_of(source)
     assert layout["layers"] == {"a": "int4", "b": "int8"} and layout["group_size"] == 64
