@@ -28,10 +28,16 @@ class BeamSearch:
         params: `num_beams` and `length_penalty` are read.
         end_ids: Tokens that end a beam (eos, special stop tokens).
         max_new: Most tokens a beam may have; every beam ends there.
+        early_stopping: As transformers': False stops when the best running beam, scored at its current
+            length, cannot beat the worst of `num_beams` finished ones; True as soon as `num_beams` have
+            finished; "never" only when it could not beat them even at `max_new` tokens (with a length
+            penalty above 0; the canonical, exhaustive search).
     """
 
-    def __init__(self, params: SamplingParams, end_ids: set[int], max_new: int) -> None:
+    def __init__(self, params: SamplingParams, end_ids: set[int], max_new: int,
+                 early_stopping: bool | str = False) -> None:
         self.beams, self.length_penalty, self.max_new = params.num_beams, params.length_penalty, max_new
+        self.early_stopping = early_stopping
         self.ends = set(end_ids)
         self._end_ids = torch.tensor(sorted(self.ends), dtype=torch.long)  # the bookkeeping runs on the CPU
         self.scores = torch.full((self.beams,), _DEAD)
@@ -43,14 +49,16 @@ class BeamSearch:
         self.steps = 0
         self.done = max_new <= 0
 
-    def step(self, logits: Tensor) -> list[int]:
-        """Extend the beams by one token from their next-token logits [beams, V] ([1, V] after the prompt).
+    def step(self, logits: Tensor, normalized: bool = False) -> list[int]:
+        """Extend the beams by one token from their next-token logits [beams, V] ([1, V] after the prompt);
+        `normalized`: they are log-probabilities already (constrained after the softmax, as transformers does).
 
         Returns, for each beam now running, the index of the beam it continues (the engine copies those
         cache rows); sets `done` when no running beam can beat the finished ones, or the budget is spent.
         """
         step, beams, lp = self.steps, self.beams, self.length_penalty
-        logp = F.log_softmax(logits.float().cpu(), dim=-1).expand(beams, -1) + self.scores[:, None]
+        logp = logits.float().cpu() if normalized else F.log_softmax(logits.float().cpu(), dim=-1)
+        logp = logp.expand(beams, -1) + self.scores[:, None]
         vocab = logp.shape[-1]
         top_scores, top_index = logp.reshape(-1).topk(min(self.keep, logp.numel()))
         origin, tokens = (top_index // vocab).tolist(), (top_index % vocab).tolist()
@@ -71,8 +79,9 @@ class BeamSearch:
         order = [origin[j] for j in pick.tolist()]
         self.running = [self.running[origin[j]] + [tokens[j]] for j in pick.tolist()]
         if self.improvable and len(self.finished) == beams:
-            best_possible = self.scores[0].item() / (step + 1) ** lp
-            self.improvable = best_possible > self.finished[-1][0]
+            length = self.max_new if self.early_stopping == "never" and lp > 0 else step + 1
+            best_possible = self.scores[0].item() / length ** lp
+            self.improvable = best_possible > self.finished[-1][0] and self.early_stopping is not True
         self.steps += 1
         self.done = not self.improvable or bool(ended.all()) or self.steps == self.max_new
         return order
@@ -84,5 +93,9 @@ class BeamSearch:
 
     def best(self) -> list[int]:
         """The winning continuation, without its end token."""
-        best = self.finished[0][1] if self.finished else self.running[0]
-        return best[:-1] if best and best[-1] in self.ends else best
+        return self.n_best(1)[0]
+
+    def n_best(self, n: int) -> list[list[int]]:
+        """The `n` (at most `num_beams`) best continuations, best first, without their end tokens."""
+        found = [seq for _, seq in self.finished] or [self.running[0]]
+        return [seq[:-1] if seq and seq[-1] in self.ends else seq for seq in found[:max(1, n)]]

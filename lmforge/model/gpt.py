@@ -136,6 +136,7 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        self.scale: float | None = None  # None = 1/√d_k; T5 folds the scale into its weights and sets 1.0
 
     def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = qkv.shape
@@ -147,7 +148,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                 cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        B, T, _ = x.shape
+        T = x.shape[1]
         q, k, v = self.split_heads(self.qkv(x))
         if self.q_norm is not None:  # Qwen3: normalise per head before rotating
             q, k = self.q_norm(q), self.k_norm(k)
@@ -155,24 +156,55 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        return self.attend(q, k, v, mask, causal=mask is None and T > 1)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
+        """The attention itself over heads [B, H, T, D] and the output projection. `mask` is boolean
+        (True = attend) or additive (a float bias such as T5's relative positions, -inf where masked)."""
+        B, T = q.shape[0], q.shape[2]
         if self.n_kv_head != self.n_head and not _SDPA_HAS_GQA:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head and _SDPA_HAS_GQA else {}
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, **gqa)
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale, **gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention (Vaswani et al. 2017, encoder-decoder attention): keys and values from another
+        sequence [B, S, hidden], through the k/v rows of the same projection. An encoder-decoder computes
+        them once per source and reuses them at every decoding step."""
+        B, S, _ = memory.shape
+        q_rows = self.n_head * self.head_dim
+        bias = self.qkv.bias[q_rows:] if self.qkv.bias is not None else None
+        k, v = F.linear(memory, self.qkv.weight[q_rows:], bias).view(B, S, 2 * self.n_kv_head, self.head_dim
+                                                                       ).transpose(1, 2).chunk(2, dim=1)
+        return k, v
+
+    def cross(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        """Queries from `x` [B, T, hidden] attend to keys/values from `memory_kv`; `mask` [B, 1, 1|T, S]."""
+        B, T, _ = x.shape
+        q_rows = self.n_head * self.head_dim
+        bias = self.qkv.bias[:q_rows] if self.qkv.bias is not None else None
+        q = F.linear(x, self.qkv.weight[:q_rows], bias).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        return self.attend(q, *kv, mask)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+               "silu": F.silu, "swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh")}
+GATED = ("swiglu", "geglu")
 
 
 class MLP(nn.Module):
-    """GELU MLP (Hendrycks & Gimpel 2016; GPT-2 uses its tanh approximation) or SwiGLU,
-    silu(xW_gate)·(xW_up) (Shazeer 2020), then a projection back down."""
+    """GELU MLP (Hendrycks & Gimpel 2016; GPT-2 uses its tanh approximation), ReLU (Vaswani et al. 2017)
+    or SiLU (Marian's "swish"), or gated: SwiGLU silu(xW_gate)·(xW_up) and GEGLU, its GELU twin that T5
+    v1.1 uses (Shazeer 2020); then a projection back down."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        self.gelu_approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+        self.swiglu = config.mlp in GATED  # gated (SwiGLU or GEGLU): `up` holds [gate | up] (lora, prune read this)
+        self.act = ACTIVATIONS[config.mlp]
         width = config.intermediate_size * (2 if self.swiglu else 1)
         self.up = nn.Linear(config.hidden_size, width, bias=config.bias)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
@@ -180,8 +212,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.swiglu:
             gate, up = self.up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x), approximate=self.gelu_approximate))
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.up(x)))
 
 
 class Block(nn.Module):

@@ -63,7 +63,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> AnyConfig
     """Our config for an HF config.json, or a ConfigError naming what does not fit."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
-        raise ConfigError(f"{source}: model_type={kind!r} is not supported; lmforge imports {', '.join(SUPPORTED)}")
+        raise ConfigError(f"{source}: model_type={kind!r} is not supported; lmforge imports {', '.join(SUPPORTED)} "
+                          "and the encoder-decoders marian, t5")
     if kind == "bert":
         _refuse(hf.get("position_embedding_type", "absolute") != "absolute", source,
                 f"position_embedding_type={hf.get('position_embedding_type')!r}")
@@ -118,7 +119,7 @@ def hf_family(config: AnyConfig) -> str:
         return "bert"
     c = config
     if c.position == "learned":
-        if c.norm != "layernorm" or c.mlp == "swiglu" or not c.bias:
+        if c.norm != "layernorm" or c.mlp not in ("gelu", "gelu_tanh") or not c.bias:
             raise ConfigError("only GPT-2-shaped models (LayerNorm, GELU, biases) with learned positions export "
                               f"to Hugging Face; this one has norm={c.norm}, mlp={c.mlp}, bias={c.bias}")
         return "gpt2"

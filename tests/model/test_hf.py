@@ -267,8 +267,8 @@ def test_real_minilm_embeddings_match_sentence_transformers() -> None:
 # -------------------------------------------------------------------------------------------- refusals
 
 def test_unsupported_model_type_lists_the_supported(tmp_path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 10}))
-    with pytest.raises(ConfigError, match=r"model_type='t5'.*gpt2, llama, mistral, qwen2, qwen3, bert"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "vocab_size": 10}))
+    with pytest.raises(ConfigError, match=r"model_type='mamba'.*gpt2, llama, mistral, qwen2, qwen3, bert.*marian, t5"):
         lmforge.load(tmp_path)
 
 

@@ -1,0 +1,1 @@
+"""Applications on top of the engine: translate, summarize, retrieve + answer (QA over documents), code."""

@@ -1,0 +1,71 @@
+"""`lmforge summarize`: a short summary of each document, by an encoder-decoder or a prompted decoder.
+
+An encoder-decoder trained on (text, summary) pairs (`pretrain --task seq2seq` on summarization pairs, or an
+imported T5) summarizes as it translates. A decoder-only model (an instruction-tuned chat model, imported or
+fine-tuned here) is asked to, through its chat template when it has one (`LM.summarize`). Documents come
+from the one corpus reader: a text file is one document, a JSONL file one per row, a folder one per file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lmforge.apps.translate import model_of, write_lines
+from lmforge.data.readers import iter_texts
+from lmforge.progress import Progress
+
+
+def documents(input: str, field: str = "text") -> list[str]:
+    """The documents of a file or folder (`iter_texts`: a text file whole, JSONL rows' `field`), or `input`
+    itself as the one document when it names no file."""
+    try:
+        exists = len(input) < 4096 and Path(input).exists()
+    except OSError:
+        exists = False
+    return list(iter_texts(Path(input), text_field=field)) if exists else [input]
+
+
+def summarize(
+    model: str,
+    input: str,
+    *,
+    out: Path | None = None,
+    field: str = "text",
+    max_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    progress: bool = True,
+) -> str | None:
+    """Summarize a document (a text file, or the text itself) or each document of a JSONL file or folder.
+
+    Args:
+        model: An encoder-decoder trained on (text, summary) pairs, or a decoder-only (best an instruction-tuned
+            chat) model, which is prompted; a checkpoint or Hugging Face folder; from Python also a loaded `LM`.
+        input: A text file (one document), a JSONL file (one document per row, in `field`), a folder, or the text.
+        out: Write one summary per line here; default: print them.
+        field: The JSONL field holding each document.
+        max_new_tokens: Most tokens per summary (default: the encoder-decoder's generation_config, 128 for a
+            decoder).
+        num_beams: Beam width for an encoder-decoder (default: its generation_config); a decoder decodes greedily.
+        batch_size: Documents decoded together by an encoder-decoder.
+        device: cpu or cuda; default cuda when available.
+        progress: Show progress on stderr.
+
+    Returns:
+        The summaries as text when `out` is not given.
+    """
+    texts = documents(str(input), field)
+    lm = model_of(model, device)
+    summaries: list[str] = []
+    bar = Progress(len(texts), "summarize", unit="docs", enabled=progress and len(texts) > 1)
+    for start in range(0, len(texts), batch_size):
+        options = {"num_beams": num_beams} if num_beams is not None and lm.is_seq2seq else {}
+        summaries += lm.summarize(texts[start:start + batch_size], max_new_tokens=max_new_tokens, **options)
+        bar.update(len(summaries))
+    if out is None:
+        return "\n".join(summaries)
+    write_lines(Path(out), summaries)
+    print(f"summarized {len(summaries)} documents into {out}", file=sys.stderr)
+    return None
