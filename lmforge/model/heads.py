@@ -26,7 +26,7 @@ Pooling = Literal["last", "cls", "mean"]
 class HeadConfig:
     """What head_config.json records: enough to rebuild the head and read its outputs."""
 
-    task: Literal["classify", "regress"]
+    task: Literal["classify", "regress", "qa"]  # qa: a start/end span head (`SpanHead`)
     labels: list[str] = field(default_factory=list)  # classify: class names in logit order
     pooling: Pooling = "last"
     dropout: float = 0.1
@@ -39,7 +39,7 @@ class HeadConfig:
 
     @property
     def num_outputs(self) -> int:
-        return len(self.labels) if self.task == "classify" else 1
+        return len(self.labels) if self.task == "classify" else 2 if self.task == "qa" else 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +88,36 @@ class SequenceHead(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits [B, classes], or standardized predictions [B, 1] for regression."""
         return self.score(self.dropout(self.pooled(input_ids, attention_mask)))
+
+
+class SpanHead(nn.Module):
+    """Extractive question answering (Devlin et al. 2019, §4.2): an encoder reads "[CLS] question [SEP] context
+    [SEP]" and one Linear(hidden, 2) scores every token as the answer's start and its end; the answer is the
+    span with the highest start + end score. Named `score` like SequenceHead's layer, so both save alike; it
+    holds the same numbers as Hugging Face's `qa_outputs` in BertForQuestionAnswering."""
+
+    def __init__(self, backbone: nn.Module, config: HeadConfig) -> None:
+        super().__init__()
+        if is_decoder(backbone):
+            raise ConfigError("a span (qa) head needs an encoder that reads the context both ways (BERT / MiniLM); "
+                              "this backbone is a decoder")
+        self.backbone, self.config = backbone, config
+        self.dropout = nn.Dropout(config.dropout)
+        self.score = nn.Linear(backbone.config.hidden_size, 2)
+        nn.init.normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """Start and end logits [B, T, 2] for right-padded question/context pairs."""
+        states = self.backbone(input_ids, token_type_ids, attention_mask)
+        return self.score(self.dropout(states))
+
+
+def pair_token_types(input_ids: Tensor, attention_mask: Tensor, sep_id: int) -> Tensor:
+    """BERT's segment ids for "[CLS] A [SEP] B [SEP]" rows: 0 up to and including the first [SEP], 1 after it,
+    0 on padding (what the tokenizer's pair template gives), for batches that carry only ids and a mask."""
+    sep = (input_ids == sep_id).long()
+    return ((sep.cumsum(dim=1) - sep) >= 1).long() * attention_mask.long()
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_length: int, encoder: bool) -> list[list[int]]:

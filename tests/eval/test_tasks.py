@@ -12,6 +12,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.eval.tasks import METRICS, find_tasks, load_task
 
 TASKS = Path(__file__).resolve().parents[2] / "tasks"
+DOCS_QA = Path(__file__).resolve().parents[2] / "datasets" / "docs-qa"  # the retrieval / document_qa tasks
 
 MC = """\
 kind: multiple_choice
@@ -33,7 +34,7 @@ def write_task(tmp_path: Path, yaml_text: str, rows: list | None = None, raw: st
 
 
 def test_every_shipped_example_task_loads_and_covers_every_kind() -> None:
-    tasks = [load_task(p) for p in find_tasks([TASKS])]
+    tasks = [load_task(p) for p in find_tasks([TASKS, DOCS_QA / "retrieval", DOCS_QA / "qa"])]
     assert {t.kind for t in tasks} == set(METRICS)
     assert all(len(t.examples) >= 5 for t in tasks)
 
