@@ -18,3 +18,8 @@ class ConfigError(LMForgeError, ValueError):
 
 class CheckpointError(LMForgeError):
     """A checkpoint directory is missing a file, belongs to another model, or cannot be resumed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after saving its checkpoint: the CLI exits 130 (as a shell does for SIGINT), so a
+    script can tell an interrupted run from a finished one; from Python, the KeyboardInterrupt Ctrl-C means."""

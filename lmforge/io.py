@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import ConfigError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -59,3 +61,17 @@ def remove_stale_temps(directory: str | Path) -> None:
     """Delete temporary files left by a process that was killed mid-write."""
     for tmp in Path(directory).glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
+
+
+def check_output(out: str | Path, overwrite: bool = False, *, option: str = "--out") -> None:
+    """The one overwrite rule of every verb: a non-empty file or folder at `out` is refused unless `overwrite`.
+
+    A run, a report or a labelled file is work someone may not have copied; replacing it is the user's call.
+    """
+    out = Path(out)
+    if out.is_dir():
+        full, what = any(out.iterdir()), "folder is not empty"
+    else:
+        full, what = out.is_file() and out.stat().st_size > 0, "file already exists"
+    if full and not overwrite:
+        raise ConfigError(f"{option} {out}: {what}; choose another {option} or pass --overwrite to replace it")

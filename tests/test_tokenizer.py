@@ -344,7 +344,7 @@ def test_a_clean_folder_and_a_glob_select_what_the_tokenizer_reads(tmp_path: Pat
                                                  whitespace=False), progress=False)
     direct = train_tokenizer(corpus / "mixed.jsonl", tmp_path / "direct", vocab_size=400)
     for name, data, glob in (("globbed", corpus, "*.jsonl"), ("cleaned", tmp_path / "cleaned", None)):
-        out = train_tokenizer(data, tmp_path / name, vocab_size=400, glob=glob)
+        out = train_tokenizer(data, tmp_path / f"tok-{name}", vocab_size=400, glob=glob)
         assert (out / "tokenizer.json").read_bytes() == (direct / "tokenizer.json").read_bytes(), name
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 from lmforge.data.readers import Skip, read_rows
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_path
+from lmforge.io import atomic_path, check_output
 
 Schema = Literal["classification", "pairs", "qa", "chat"]
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -103,21 +103,23 @@ def check_row(row: Any, schema: Schema) -> str | None:
     return None
 
 
-def validate(path: Path, schema: Schema = "classification", *, max_listed: int = 100) -> dict[str, Any]:
-    """Check a labelled JSONL file against a format; report every bad line and the class balance.
+def validate(data: Path, schema: Schema = "classification", *, max_listed: int = 100) -> dict[str, Any]:
+    """Check a labelled JSONL, CSV/TSV or Parquet file against a format; report every bad line and the class
+    balance.
 
     Prints the bad lines (file:line: why) and, for classification, a class-balance table, then raises
     an error naming the number of bad lines if there are any, so scripts can stop on it.
 
     Args:
-        path: The JSONL file.
+        data: The file (JSONL, CSV/TSV or Parquet, optionally .gz/.zst; CSV values are text, so a CSV
+            fits "classification" only).
         schema: "classification", "pairs", "qa" or "chat" (see lmforge/data/annotate.py).
         max_listed: Print at most this many bad lines (all are counted).
 
     Returns:
         {"rows", "bad": [{"line", "error"}], "labels": {label: count}}.
     """
-    path = Path(path)
+    path = Path(data)
     bad: list[dict[str, Any]] = []
     labels: Counter = Counter()
     rows = 0
@@ -210,8 +212,8 @@ def load_predictor(model: Path) -> Predictor:
     raise ConfigError(f"{model}: no such file or directory")
 
 
-def annotate(input: Path, model: Path, output: Path, *, review_below: float = 0.7, review: Path | None = None,
-             text_field: str = "text", batch_size: int = 256,
+def annotate(data: Path, model: Path, out: Path, *, review_below: float = 0.7, review: Path | None = None,
+             text_field: str = "text", batch_size: int = 256, overwrite: bool = False,
              predictor: Predictor | None = None) -> dict[str, Any]:
     """Pre-label unlabeled JSONL with a classifier or keyword/regex rules; send unsure rows to review.
 
@@ -220,25 +222,28 @@ def annotate(input: Path, model: Path, output: Path, *, review_below: float = 0.
     (row, text, label, confidence) for people to correct in a spreadsheet.
 
     Args:
-        input: Unlabeled rows with a text field: JSONL, or CSV/TSV/Parquet (optionally .gz/.zst).
+        data: Unlabeled rows with a text field: JSONL, or CSV/TSV/Parquet (optionally .gz/.zst).
         model: A rule file (YAML/JSON: labels → keywords / regex) or a trained classifier directory.
-        output: Pre-labelled JSONL.
+        out: Pre-labelled JSONL; refused if it exists (a review may be in progress), unless `overwrite`.
         review_below: Confidence under which a row is sent to review.
-        review: The review CSV; default: `output` with the suffix .review.csv.
+        review: The review CSV; default: `out` with the suffix .review.csv.
         text_field: Key of the text in each row.
         batch_size: Texts per predictor call.
+        overwrite: Replace `out` and the review CSV.
         predictor: (Python only) a callable used instead of `model`.
 
     Returns:
         Counts of rows, rows sent to review and labels.
     """
-    input, output = Path(input), Path(output)
+    input, output = Path(data), Path(out)
     review = Path(review) if review is not None else output.with_suffix(".review.csv")
+    check_output(output, overwrite)
+    check_output(review, overwrite, option="--review")
     predict = predictor if predictor is not None else load_predictor(model)
     labels: Counter = Counter()
     rows = to_review = 0
     with atomic_path(output) as tmp_out, atomic_path(review) as tmp_rev, \
-            open(tmp_out, "w", encoding="utf-8") as out, open(tmp_rev, "w", encoding="utf-8", newline="") as rev:
+            open(tmp_out, "w", encoding="utf-8") as sink, open(tmp_rev, "w", encoding="utf-8", newline="") as rev:
         writer = csv.writer(rev)
         writer.writerow(["row", "text", "label", "confidence"])
         batch: list[tuple[int, dict]] = []
@@ -250,7 +255,7 @@ def annotate(input: Path, model: Path, output: Path, *, review_below: float = 0.
                 raise DataError(f"predictor returned {len(preds)} labels for {len(batch)} texts")
             for (line_no, row), (label, conf) in zip(batch, preds):
                 row.update(row=line_no, label=label, confidence=round(float(conf), 4))
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 labels[label] += 1
                 rows += 1
                 if conf < review_below:
@@ -272,8 +277,8 @@ def annotate(input: Path, model: Path, output: Path, *, review_below: float = 0.
             "labels": dict(labels.most_common())}
 
 
-def merge_labels(prelabeled: Path, reviewed: Path, output: Path, *, text_field: str = "text",
-                 on_mismatch: Literal["raise", "skip"] = "raise") -> dict[str, Any]:
+def merge_labels(prelabeled: Path, reviewed: Path, out: Path, *, text_field: str = "text",
+                 on_mismatch: Literal["raise", "skip"] = "raise", overwrite: bool = False) -> dict[str, Any]:
     """Fold a reviewed CSV (row, text, label[, confidence]) back into pre-labelled JSONL.
 
     A reviewed label replaces the predicted one (confidence 1.0, `reviewed: true`) only if the row's
@@ -283,13 +288,17 @@ def merge_labels(prelabeled: Path, reviewed: Path, output: Path, *, text_field: 
     Args:
         prelabeled: The JSONL written by `data annotate`.
         reviewed: The review CSV after people corrected the `label` column.
-        output: The merged JSONL (classification format plus `confidence` and `reviewed`).
+        out: The merged JSONL (classification format plus `confidence` and `reviewed`); refused if it
+            exists, unless `overwrite`.
         text_field: Key of the text in the JSONL rows.
         on_mismatch: "raise" on the first changed text, or "skip" such rows.
+        overwrite: Replace `out`.
 
     Returns:
         Counts of rows, merged, changed labels and refused rows.
     """
+    output = Path(out)
+    check_output(output, overwrite)
     reviewed_rows: dict[int, tuple[int, str, str]] = {}
     for csv_line, rec in read_rows(reviewed):
         missing = {"row", "text", "label"} - set(rec)
@@ -300,7 +309,7 @@ def merge_labels(prelabeled: Path, reviewed: Path, output: Path, *, text_field: 
         except (TypeError, ValueError):
             raise DataError(f"{reviewed}:{csv_line}: 'row' must be an integer, got {rec['row']!r}") from None
     merged = changed = refused = rows = 0
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as sink:
         for line_no, row in read_rows(prelabeled):
             rows += 1
             key = row.get("row", line_no)
@@ -315,7 +324,7 @@ def merge_labels(prelabeled: Path, reviewed: Path, output: Path, *, text_field: 
                     changed += label != row.get("label")
                     row.update(label=label, confidence=1.0, reviewed=True)
                     merged += 1
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
         if reviewed_rows:  # raised inside the `with`, so no output file is left behind
             k, (csv_line, _, _) = next(iter(reviewed_rows.items()))
             raise DataError(f"{reviewed}:{csv_line}: row {k} is not in {prelabeled} "

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from html.parser import HTMLParser
 from typing import Any, Literal
 
@@ -19,6 +19,8 @@ from lmforge.data.filters import Filters, check, check_language
 from lmforge.data.pii import scrub_pii
 from lmforge.data.readers import Record, Skip
 from lmforge.data.stopwords import LANGUAGES, remove_stopwords
+from lmforge.errors import ConfigError
+from lmforge.options import given
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,42 @@ class Normalize:
 
 NORMALIZE = Normalize()
 FILTERS = Filters()
+Preset = Literal["prose", "code"]
+# What each preset stands for: (normalisation, filters, PII scrub). Prose gets the web-text defaults; code is
+# left byte-identical: indentation, blank lines (PEP 8's two), spacing inside lines and string contents all
+# carry meaning, the Gopher rules measure prose, and an email placeholder inside a string changes a program.
+PRESETS: dict[str, tuple[Normalize, Filters, bool]] = {
+    "prose": (NORMALIZE, FILTERS, True),
+    "code": (Normalize(unicode=None, fix_mojibake=False, control_chars=False, whitespace=False), Filters(enabled=False),
+             False),
+}
+
+
+def preset_settings(preset: Preset, normalize: Normalize, filters: Filters, pii: bool | None
+                    ) -> tuple[Normalize, Filters, bool]:
+    """The preset's settings, overridden by what the user gave: on the command line, each option named
+    (`--preset code --normalize.whitespace true` turns that one step back on); from Python, a `normalize`
+    or `filters` other than the module defaults replaces the preset's whole, and `pii` where not None."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    base_normalize, base_filters, base_pii = PRESETS[preset]
+    if preset == "prose":  # the defaults themselves: what was given stands as given
+        return normalize, filters, base_pii if pii is None else pii
+    written = given()
+
+    def merge(base: Any, chosen: Any, default: Any, prefix: str) -> Any:
+        if written is None:
+            return base if chosen is default else chosen
+        names = [f.name for f in fields(chosen)]
+        named = {n for n in names if f"{prefix}.{n}" in written or prefix in written}
+        if "config" in written:  # a --config file's values are given too, though not on the command line
+            named |= {n for n in names if getattr(chosen, n) != getattr(default, n)}
+        return replace(base, **{n: getattr(chosen, n) for n in named})
+
+    return (merge(base_normalize, normalize, NORMALIZE, "normalize"), merge(base_filters, filters, FILTERS, "filters"),
+            base_pii if pii is None else pii)
+
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
 _SPACES = re.compile(r"[^\S\n]+")
 _BLANKS = re.compile(r"\n{3,}")

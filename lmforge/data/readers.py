@@ -292,7 +292,9 @@ def _csv_rows(stream: IO[bytes], policy: _Policy, delimiter: str, column: str | 
             yield from skips
             skips.clear()
             line_no = start or reader.line_num
-            yield line_no, policy.fail(Skip(f"{policy.name}:{line_no}", "invalid-csv", f"bad CSV ({e})"))
+            detail = (f"unterminated quote: the quoted field that starts on line {line_no} is never closed"
+                      if "unexpected end of data" in str(e) else f"bad CSV ({e})")
+            yield line_no, policy.fail(Skip(f"{policy.name}:{line_no}", "invalid-csv", detail))
             continue
         yield from skips
         skips.clear()

@@ -17,7 +17,7 @@ import numpy as np
 from lmforge.data.filters import identify_language
 from lmforge.data.readers import Skip, TextUnit, read_documents
 from lmforge.errors import DataError
-from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json, atomic_write_text, check_output
 from lmforge.progress import Progress
 
 
@@ -67,25 +67,27 @@ def _summary(values: list[int]) -> dict[str, float]:
             "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "max": int(a.max())}
 
 
-def stats(input: Path, out: Path = Path("stats"), *, text_field: str = "text", text_unit: TextUnit = "file",
-          glob: str | None = None, progress: bool = True) -> dict[str, Any]:
+def stats(data: Path, out: Path = Path("stats"), *, text_field: str = "text", text_unit: TextUnit = "file",
+          glob: str | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Describe a corpus: document lengths, languages, and removals by rule when it is a `clean` output.
 
     Writes stats.json, stats.md, length_chars.png, length_words.png and languages.png into `out`.
     Language comes from each document's `lang` field (written by `clean`), else from language ID.
 
     Args:
-        input: A file or folder (any format `data clean` reads; a `clean` output folder uses its manifest).
-        out: Folder for the report.
+        data: A file or folder (any format `data clean` reads; a `clean` output folder uses its manifest).
+        out: Folder for the report; refused if it holds anything, unless `overwrite`.
         text_field: JSONL key / CSV or Parquet column holding the text.
         text_unit: For plain-text files: one document per "file" or per blank-line "paragraph" block.
         glob: Only files under a folder whose relative path matches this pattern.
+        overwrite: Replace the report files already in `out`.
         progress: Show a progress line.
 
     Returns:
         The contents of stats.json.
     """
-    input, out = Path(input), Path(out)
+    input, out = Path(data), Path(out)
+    check_output(out, overwrite)
     chars: list[int] = []
     words: list[int] = []
     langs: Counter = Counter()

@@ -235,7 +235,7 @@ def test_read_rows_of_compressed_jsonl_equal_the_plain_file(tmp_path):
 
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("a.csv", 'text,label\nok,1\nbad,1,extra\n', "a.csv:3: 3 fields, header has 2"),
-    ("b.csv", 'text,label\nok,1\n"open quote,1\n', "b.csv:3: bad CSV"),
+    ("b.csv", 'text,label\nok,1\n"open quote,1\n', "b.csv:3: unterminated quote"),
     ("c.csv", 'text,label\nok,1\n"x"y,1\n', "c.csv:3: bad CSV"),
     ("d.jsonl", '{"a": 1}\n\n[1]\n', "d.jsonl:3: expected a JSON object, got list"),
     ("e.jsonl", '{"a": 1}\n{"a": \n', "e.jsonl:2: invalid JSON"),
