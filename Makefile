@@ -33,7 +33,13 @@ BWRAP := /usr/bin/bwrap
 $(BWRAP):
 	apt-get update && apt-get install -y bubblewrap
 
-install-test: $(BIN)/python $(GPT2_BPE) $(CHROMIUM) $(BWRAP)
+# Two Bibles in SWORD zText modules: the English-Spanish translation recipe and the SWORD reader's tests.
+SWORD := /usr/share/sword/mods.d/engKJV2006eb.conf
+
+$(SWORD):
+	apt-get update && apt-get install -y sword-text-kjv sword-text-sparv
+
+install-test: $(BIN)/python $(GPT2_BPE) $(CHROMIUM) $(BWRAP) $(SWORD)
 	$(BIN)/pip install --quiet -e '.[test]'
 
 demo: install

@@ -11,9 +11,12 @@ train state carry the step they belong to, and resuming refuses a pair whose ste
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,13 +29,15 @@ from torch import nn
 from lmforge.config import PRESETS, ModelConfig, preset, read_config_json
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_path, atomic_write_json, commit, temp_path_for
-from lmforge.model import hf
+from lmforge.model import hf, hf_seq2seq
 from lmforge.model import lora as lora_lib
 from lmforge.model.bert import ENCODER_MODEL_TYPE, EncoderConfig
-from lmforge.model.heads import HeadConfig, SequenceHead
+from lmforge.model.heads import HeadConfig, SequenceHead, SpanHead
 from lmforge.model.lstm import LSTM_MODEL_TYPE, LSTM_PRESETS, LSTMLM, LSTMConfig, lstm_preset
 from lmforge.model.ngram import NGRAM_MODEL_TYPE, NgramConfig, NgramLM
 from lmforge.model.quant import apply_layout, layout_of, quantize_linears
+from lmforge.model.seq2seq import SEQ2SEQ_MODEL_TYPE, SEQ2SEQ_PRESETS, Seq2Seq, Seq2SeqConfig, seq2seq_preset
+from lmforge.model.tensorfile import TensorSource
 from lmforge.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -41,10 +46,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GENERATION_CONFIG = "generation_config.json"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
+HF_SPAN_HEAD = "BertForQuestionAnswering"  # an HF architecture whose head lmforge carries (`SpanHead`)
 QUANTIZATION = "quantization"  # config.json entry of a quantized checkpoint: which layers hold int8/int4 weights
 SAMPLING_FROM_HF = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
-Kind = Literal["decoder", "encoder", "lora", "head", "ngram"]
+SEARCH_FROM_HF = ("num_beams", "length_penalty", "early_stopping", "forced_eos_token_id", "bad_words_ids",
+                  "decoder_start_token_id")  # an encoder-decoder's search settings (Marian's opus-mt set them)
+Kind = Literal["decoder", "encoder", "lora", "head", "ngram", "seq2seq"]
 BASELINES = {LSTM_MODEL_TYPE: (LSTMConfig, LSTMLM), NGRAM_MODEL_TYPE: (NgramConfig, NgramLM)}  # by model_type
+OTHER_MODELS = {**BASELINES, SEQ2SEQ_MODEL_TYPE: (Seq2SeqConfig, Seq2Seq)}  # configs not gpt.py's / bert.py's
+SHARDED = "sharded"  # train_state.pt's key naming a sharded run's DCP directory (lmforge.train.sharded)
+_SHARDED_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("sharded_dir", default=None)
+
+
+@contextlib.contextmanager
+def weights_elsewhere(directory: str) -> Iterator[None]:
+    """Within it, the savers write a run's files but not its weights: they are in the sharded (DCP)
+    `directory` beside them, which train_state.pt names. A sharded run's method saves through its usual saver."""
+    token = _SHARDED_DIR.set(directory)
+    try:
+        yield
+    finally:
+        _SHARDED_DIR.reset(token)
 
 
 def _weights_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -151,6 +173,12 @@ def generation_from_hf(directory: Path, hf_config: dict[str, Any]) -> dict[str, 
     path = Path(directory) / GENERATION_CONFIG
     hf_gen = json.loads(path.read_text()) if path.is_file() else {}
     out = {k: hf_gen[k] for k in SAMPLING_FROM_HF if hf_gen.get(k) is not None}
+    if hf_config.get("is_encoder_decoder"):
+        out.update({k: hf_gen[k] for k in SEARCH_FROM_HF if hf_gen.get(k) is not None})
+        if "max_new_tokens" not in out and hf_gen.get("max_length"):
+            out["max_new_tokens"] = hf_gen["max_length"] - 1  # the decoder start token counts in max_length
+        if hf_gen.get("do_sample") is not True:
+            out.setdefault("temperature", 0.0)
     if hf_gen.get("do_sample") is False:
         out["temperature"] = 0.0  # HF's greedy default
     eos = hf_gen.get("eos_token_id", hf_config.get("eos_token_id"))
@@ -166,6 +194,12 @@ def generation_defaults(path: Path, tokenizer: Tokenizer) -> dict[str, Any]:
         return generation_from_hf(path, hf.read_hf_config(path))
     if (path / GENERATION_CONFIG).is_file():
         return json.loads((path / GENERATION_CONFIG).read_text())
+    config_json = path / "config.json"
+    if config_json.is_file() and read_config_json(config_json).get("model_type") == SEQ2SEQ_MODEL_TYPE:
+        config = Seq2SeqConfig.load(config_json)  # translation wants the most likely output, not a sample
+        return {"max_new_tokens": min(256, config.max_positions - 1), "temperature": 0.0, "num_beams": 4,
+                "length_penalty": 1.0, "eos_token_id": config.eos_id, "pad_token_id": config.pad_id,
+                "decoder_start_token_id": config.decoder_start_id}
     return {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "eos_token_id": tokenizer.eos_id,
             "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id}
 
@@ -186,14 +220,14 @@ def read_config(directory: Path, *, quantized: bool = False) -> ModelConfig | En
                                   "full-precision checkpoint it was quantized from")
         return ModelConfig.from_dict({k: v for k, v in data.items() if k != QUANTIZATION}, str(path))
     kind = read_config_json(path).get("model_type", "lmforge")
-    if kind in BASELINES:
-        return BASELINES[kind][0].load(path)
+    if kind in OTHER_MODELS:
+        return OTHER_MODELS[kind][0].load(path)
     return EncoderConfig.load(path) if kind == ENCODER_MODEL_TYPE else ModelConfig.load(path)
 
 
 def build_model(config: Any) -> nn.Module:
     """A freshly initialised model of any of our architectures, from its config."""
-    for config_class, model_class in BASELINES.values():
+    for config_class, model_class in OTHER_MODELS.values():
         if isinstance(config, config_class):
             return model_class(config)
     return hf.build_model(config)
@@ -206,6 +240,8 @@ def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig | L
         return preset(str(model), **overrides)
     if str(model) in LSTM_PRESETS:
         return lstm_preset(str(model), **overrides)
+    if str(model) in SEQ2SEQ_PRESETS:
+        return seq2seq_preset(str(model), **overrides)
     if path.is_dir():
         if hf.is_hf_checkpoint(path):  # continue from a Hugging Face download
             config = hf.config_from_hf(hf.read_hf_config(path), str(path / "config.json"))
@@ -214,11 +250,12 @@ def resolve_model_config(model: str | Path, **overrides: Any) -> ModelConfig | L
             return config.replace(**overrides)
         path = path / "config.json"
     if path.is_file():
-        if read_config_json(path).get("model_type") == LSTM_MODEL_TYPE:
-            return LSTMConfig.load(path).replace(**overrides)
+        kind = read_config_json(path).get("model_type")
+        if kind in (LSTM_MODEL_TYPE, SEQ2SEQ_MODEL_TYPE):
+            return OTHER_MODELS[kind][0].load(path).replace(**overrides)
         return ModelConfig.load(path).replace(**overrides)
-    raise ConfigError(f"model {str(model)!r} is neither a preset ({', '.join([*PRESETS, *LSTM_PRESETS])}) nor a "
-                      "checkpoint directory")
+    presets = ", ".join([*PRESETS, *LSTM_PRESETS, *SEQ2SEQ_PRESETS])
+    raise ConfigError(f"model {str(model)!r} is neither a preset ({presets}) nor a checkpoint directory")
 
 
 @dataclass
@@ -244,8 +281,14 @@ def kind_of(path: Path) -> Kind:
     if (path / HEAD_CONFIG).is_file():
         return "head"
     if hf.is_hf_checkpoint(path):
+        if hf_seq2seq.is_seq2seq(hf.read_hf_config(path)):
+            return "seq2seq"
+        if HF_SPAN_HEAD in hf.read_hf_config(path).get("architectures", []):
+            return "head"  # BERT with its question-answering span head (`qa_outputs`)
         return "encoder" if isinstance(hf.config_from_hf(hf.read_hf_config(path)), EncoderConfig) else "decoder"
     config = read_config(path, quantized=True)
+    if isinstance(config, Seq2SeqConfig):
+        return "seq2seq"
     return "encoder" if isinstance(config, EncoderConfig) else "ngram" if isinstance(config, NgramConfig) else "decoder"
 
 
@@ -264,10 +307,16 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     if kind == "lora":
         model, config, base = _load_lora(path, base)
         tokenizer = Tokenizer.load(path if (path / TOKENIZER_FILES[0]).exists() else base)
+    elif hf.is_hf_checkpoint(path) and kind == "seq2seq":
+        model, config = hf_seq2seq.load_hf_model(path, dtype)
+        tokenizer = Tokenizer.load(path)
     elif hf.is_hf_checkpoint(path):
         model, config = hf.load_hf_model(path, dtype)
         tokenizer = Tokenizer.load(path)
     else:
+        if not (path / WEIGHTS).exists() and (path / TRAIN_STATE).exists() and any(path.glob("sharded-*")):
+            raise CheckpointError(f"{path}: is a sharded checkpoint (an FSDP run); write the plain directory "
+                                  f"other verbs read with `lmforge convert sharded {path} --out {path}-plain`")
         for name in ("config.json", WEIGHTS, TOKENIZER_FILES[0]):
             if not (path / name).exists():
                 raise CheckpointError(f"{path}: {name} is missing; a checkpoint directory holds config.json, "
@@ -292,8 +341,16 @@ def _as_list(value: Any) -> list[int]:
     return [] if value is None else value if isinstance(value, list) else [value]
 
 
-def _attach_head(backbone: nn.Module, path: Path) -> SequenceHead:
-    net = SequenceHead(backbone, HeadConfig.from_dict(read_config_json(path / HEAD_CONFIG)))
+def _attach_head(backbone: nn.Module, path: Path) -> SequenceHead | SpanHead:
+    if not (path / HEAD_CONFIG).is_file():  # Hugging Face's BertForQuestionAnswering: the head is `qa_outputs`
+        net = SpanHead(backbone, HeadConfig(task="qa", pooling="cls",
+                                            max_length=min(384, backbone.config.max_position_embeddings)))
+        source = TensorSource(path)
+        net.score.load_state_dict({"weight": source.read("qa_outputs.weight").float(),
+                                   "bias": source.read("qa_outputs.bias").float()})
+        return net
+    config = HeadConfig.from_dict(read_config_json(path / HEAD_CONFIG))
+    net = (SpanHead if config.task == "qa" else SequenceHead)(backbone, config)
     tensors = _read_safetensors(path / HEAD_WEIGHTS)
     if tensors["weight"].shape != net.score.weight.shape:
         raise CheckpointError(f"{path / HEAD_WEIGHTS}: head weight {tuple(tensors['weight'].shape)} does not fit "
@@ -331,6 +388,9 @@ def attach_lora(net: nn.Module, config: lora_lib.LoRAConfig, *, base_int8: bool,
 def load_decoder(path: Path, dtype: torch.dtype | None = None) -> Loaded:
     """`load_model` for verbs that need a generative model: an encoder is refused by name."""
     loaded = load_model(path, dtype=dtype)
+    if loaded.kind == "seq2seq":
+        raise ConfigError(f"{path}: is an encoder-decoder (seq2seq) model; use `lmforge translate` or "
+                          "`lmforge summarize` with it")
     if loaded.kind not in ("decoder", "lora", "ngram"):
         raise ConfigError(f"{path}: is {'an encoder' if loaded.kind == 'encoder' else 'a head run'}; this needs a "
                           "decoder (a generative model). Use `lmforge finetune classify` for encoders")
@@ -358,6 +418,10 @@ def _save_pair(out: Path, weights_name: str, tensors: dict[str, torch.Tensor], t
                step: int) -> None:
     """A weights file and train_state.pt, both complete before either is renamed into place."""
     weights_tmp, state_tmp = temp_path_for(out / weights_name), temp_path_for(out / TRAIN_STATE)
+    if (sharded := _SHARDED_DIR.get()) is not None:
+        with atomic_path(out / TRAIN_STATE) as tmp:  # the commit point: names the complete sharded directory
+            torch.save({**(train_state or {}), "step": step, SHARDED: sharded}, tmp)
+        return
     try:
         save_file(tensors, str(weights_tmp), metadata={"format": "pt", "step": str(step)})
         if train_state is not None:
@@ -390,8 +454,9 @@ def save_head(out: Path, net: SequenceHead, backbone_config: Any, *, tokenizer_d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / HEAD_CONFIG, net.config.to_dict())
-    with atomic_path(out / HEAD_WEIGHTS) as tmp:
-        tensors = {n: p.detach().contiguous().cpu() for n, p in net.score.named_parameters()}
-        save_file(tensors, str(tmp), metadata={"format": "pt", "step": str(step)})
+    if _SHARDED_DIR.get() is None:  # else the head is in the sharded directory with the backbone
+        with atomic_path(out / HEAD_WEIGHTS) as tmp:
+            tensors = {n: p.detach().contiguous().cpu() for n, p in net.score.named_parameters()}
+            save_file(tensors, str(tmp), metadata={"format": "pt", "step": str(step)})
     save_checkpoint(out, net.backbone, backbone_config, tokenizer_dir=tokenizer_dir, train_state=train_state,
                     step=step)

@@ -16,7 +16,7 @@ from lmforge.errors import ConfigError
 
 CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "gelu_tanh", "swiglu"),
+    "mlp": ("gelu", "gelu_tanh", "swiglu", "relu", "silu", "geglu"),  # the last three: encoder-decoders
     "position": ("learned", "rope"),
     "init": ("normal", "xavier", "he"),
 }

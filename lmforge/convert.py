@@ -1,4 +1,5 @@
-"""`lmforge convert from-hf | to-hf`: Hugging Face checkpoint folders in and out, tensor by tensor.
+"""`lmforge convert from-hf | to-hf | sharded`: Hugging Face checkpoint folders in and out, tensor by tensor,
+and a sharded (FSDP) run into the plain checkpoint directory.
 
 Neither direction builds a model: tensors stream from the source file to the destination file
 (model/tensorfile.py), so converting needs memory for a few tensors, not for the checkpoint.
@@ -12,10 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import save_file
 
-from lmforge.checkpoint import SAMPLING_FROM_HF, generation_from_hf, read_config
+from lmforge.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    SAMPLING_FROM_HF,
+    SHARDED,
+    TRAIN_STATE,
+    WEIGHTS,
+    build_model,
+    generation_from_hf,
+    load_train_state,
+    read_config,
+)
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_path, atomic_write_json
+from lmforge.model import hf_seq2seq
 from lmforge.model.hf import (
     config_from_hf,
     config_to_hf,
@@ -62,11 +78,16 @@ def from_hf(
     """
     path, out = Path(path), Path(out)
     hf_config = read_hf_config(path)
-    config = config_from_hf(hf_config, str(path / "config.json"))
-    _check_out(out, overwrite)
     source = TensorSource(path)
-    plan, dropped = import_plan(config, source)
-    shapes = expected_shapes(config)
+    if hf_seq2seq.is_seq2seq(hf_config):  # Marian, T5: the encoder-decoder tables
+        config = hf_seq2seq.read_config(path)
+        _check_out(out, overwrite)
+        plan, dropped, shapes = hf_seq2seq.import_plan(config, source), [], hf_seq2seq.expected_shapes(config)
+    else:
+        config = config_from_hf(hf_config, str(path / "config.json"))
+        _check_out(out, overwrite)
+        plan, dropped = import_plan(config, source)
+        shapes = expected_shapes(config)
     cast = torch_dtype(dtype)
     layout = [(rule.ours, shapes[rule.ours], _import_dtype(source, rule.theirs, cast)) for rule in plan]
     tokenizer = Tokenizer.load(path)
@@ -112,21 +133,29 @@ def to_hf(
     config = read_config(model)
     if config.family in ("lstm", "ngram"):
         raise ConfigError(f"{model}: an {config.family} baseline has no Hugging Face architecture to export to")
-    family = hf_family(config)
+    tables: Any = hf_seq2seq if isinstance(config, hf_seq2seq.Seq2SeqConfig) else None  # Marian / T5
+    family = tables.hf_family(config) if tables else hf_family(config)
     _check_out(out, overwrite)
     source = TensorSource(model)
     cast = torch_dtype(dtype)
-    layout = export_layout(config, source, cast)
+    layout = (tables.export_layout if tables else export_layout)(config, source, cast)
     stored = source.dtype(next(iter(source.names())))
     out.mkdir(parents=True, exist_ok=True)
-    _write_shards(out, layout, export_tensors(config, source, cast))
+    _write_shards(out, layout, (tables.export_tensors if tables else export_tensors)(config, source, cast))
     tokenizer = Tokenizer.load(model)
     tokenizer.save(out)
-    hf_config = config_to_hf(config, cast or stored)
+    hf_config = (tables.config_to_hf if tables else config_to_hf)(config, cast or stored)
     generation = json.loads((model / "generation_config.json").read_text()) if (
         model / "generation_config.json").is_file() else {}
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    if family != "bert":
+    if tables:  # the model's own pad / eos / decoder start ids are in hf_config; search settings travel too
+        hf_generation = {k: hf_config[k] for k in ("pad_token_id", "eos_token_id", "decoder_start_token_id")}
+        hf_generation.update({k: generation[k] for k in ("num_beams", "length_penalty", "early_stopping")
+                              if generation.get(k) is not None})
+        if generation.get("max_new_tokens"):
+            hf_generation["max_new_tokens"] = generation["max_new_tokens"]
+        atomic_write_json(out / "generation_config.json", hf_generation)
+    elif family != "bert":
         hf_config.update({k: v for k, v in ids.items() if v is not None})
         hf_generation = {**{k: v for k, v in ids.items() if v is not None},
                          **{k: generation[k] for k in SAMPLING_FROM_HF if generation.get(k) is not None}}
@@ -173,3 +202,65 @@ def _check_out(out: Path, overwrite: bool) -> None:
         for stale in out.glob("*.safetensors*"):  # shards of an earlier export must not mix with these
             stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def convert_sharded(run: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """Write a sharded run (`--strategy fsdp`) as the plain checkpoint directory every other verb reads.
+
+    The shards of the last checkpoint are gathered into whole tensors in this one process (no torchrun
+    needed, any number of ranks wrote them): model.safetensors for a pretraining or full fine-tuning run,
+    adapter.safetensors for LoRA, model.safetensors plus head.safetensors for classify / regress; the run's
+    other files (config, tokenizer, adapter or head config, metrics) are copied. The optimizer state is not:
+    the plain directory is for using the model; continue training from the sharded run itself.
+
+    Args:
+        run: A run directory written with `--strategy fsdp`.
+        out: Directory to write.
+        overwrite: Replace files in a non-empty `out`.
+
+    Returns:
+        The plain checkpoint directory.
+    """
+    from lmforge.train.sharded import model_tensors  # torch.distributed.checkpoint: seconds to import
+
+    run, out = Path(run), Path(out)
+    state = load_train_state(run)
+    if SHARDED not in state:
+        raise CheckpointError(f"{run}: is not a sharded run (its {TRAIN_STATE} names no sharded directory); "
+                              "it is already a plain checkpoint")
+    tensors = model_tensors(run / state[SHARDED])
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    if (run / ADAPTER_CONFIG).is_file():  # LoRA: only the adapters were trained and saved
+        files[ADAPTER_WEIGHTS] = {n: t for n, t in tensors.items() if ".lora_" in n}
+    elif (run / HEAD_CONFIG).is_file():
+        files[HEAD_WEIGHTS] = {n.removeprefix("score."): t for n, t in tensors.items() if n.startswith("score.")}
+        files[WEIGHTS] = _model_weights(run, {n.removeprefix("backbone."): t for n, t in tensors.items()
+                                              if n.startswith("backbone.")})
+    else:
+        files[WEIGHTS] = _model_weights(run, tensors)
+    _check_out(out, overwrite)
+    for path in run.iterdir():
+        if path.is_file() and path.name != TRAIN_STATE and not path.name.startswith("."):
+            with atomic_path(out / path.name) as tmp:
+                tmp.write_bytes(path.read_bytes())
+    for name, weights in files.items():
+        with atomic_path(out / name) as tmp:
+            save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp),
+                      metadata={"format": "pt", "step": str(state["step"])})
+    print(f"gathered the step-{state['step']} shards of {run} into {out}", file=sys.stderr)
+    return out
+
+
+def _model_weights(run: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a plain checkpoint of config.json's model holds (a tied head once), every one present."""
+    with torch.device("meta"):  # names and shapes only, no memory
+        expected = {n: p.shape for n, p in build_model(read_config(run)).named_parameters()}
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{run}: the sharded checkpoint lacks {missing[:5]} (frozen parameters are not saved "
+                              "in shards); convert a run that trained every weight, or merge from its base")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise CheckpointError(f"{run}: {name} has shape {tuple(tensors[name].shape)}, config.json implies "
+                                  f"{tuple(shape)}")
+    return {n: tensors[n] for n in expected}

@@ -20,6 +20,7 @@ import torch
 from lmforge.errors import CheckpointError
 
 PROMPTS = ["def main(", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n", "The with statement"]
+FIM_SAMPLE = "def mean(values):\n\n    return total / len(values)\n"  # line 2 is filled in the middle
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
 
 
@@ -162,9 +163,11 @@ def demo(
     stage(f"    kept {cleaned['kept']:,} of {cleaned['documents']:,} documents "
           f"(removed {cleaned['removed'] or 'none'}; PII replaced {cleaned['pii'] or 'none'})")
     stage(f"2/6 training a {vocab_size}-token byte-level BPE tokenizer")
-    tok_dir = train_tokenizer(train_dir, out / "tokenizer", vocab_size=vocab_size)
-    stage("3/6 packing tokens")
-    packed = pack(train_dir, tok_dir, out / "packed", val_fraction=0.01, seed=seed)
+    # FIM tokens and FIM at rate 0.5 (Bavarian et al. 2022): the corpus is mostly code, and the model can then
+    # fill in the middle (`lmforge code complete`) at no cost to left-to-right ability
+    tok_dir = train_tokenizer(train_dir, out / "tokenizer", vocab_size=vocab_size, fim=True)
+    stage("3/6 packing tokens (half of the training spans rearranged for fill-in-the-middle)")
+    packed = pack(train_dir, tok_dir, out / "packed", val_fraction=0.01, seed=seed, fim_rate=0.5)
 
     tokenizer = Tokenizer.load(tok_dir)
     torch.manual_seed(seed)
@@ -184,6 +187,10 @@ def demo(
     lm = load(ckpt)
     after = perplexity(lm, held_dir, progress=False)
     samples = {p: lm.generate(p, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=seed) for p in PROMPTS}
+    from lmforge.apps.code import complete_at
+
+    samples[FIM_SAMPLE.replace("\n\n", "\n<FILL>\n", 1)] = "\n<FILL> = " + repr(
+        complete_at(lm, FIM_SAMPLE, 2, 1, max_new_tokens=48))
     compression = _compression(ckpt, held_dir, out, stage) if compress else None
 
     stage("6/6 writing the report")

@@ -16,9 +16,11 @@ from lmforge.infer.decode import SamplingParams, generate_batch
 from lmforge.infer.decode import stream as stream_text
 from lmforge.infer.engine import Engine
 from lmforge.infer.score import perplexity_of
+from lmforge.infer.seq2seq import Seq2SeqSearch, summary_prompt, translate_texts
 from lmforge.infer.text import chat_prompt
 from lmforge.model.bert import Encoder
 from lmforge.model.gpt import GPT
+from lmforge.model.seq2seq import Seq2Seq
 from lmforge.tokenizer import Tokenizer
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -41,8 +43,22 @@ class LM:
         return self.model.config
 
     @property
+    def is_seq2seq(self) -> bool:
+        """An encoder-decoder (translate / summarize a source) rather than a decoder continuing a prompt."""
+        return isinstance(self.model, Seq2Seq)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def require_decoder(self, verb: str) -> None:
+        """Refuse, in words, an encoder (BERT-style) checkpoint where `verb` needs a model that predicts the
+        next token: without this it fails deep inside decoding with a TypeError or AttributeError."""
+        if isinstance(self.model, Encoder):
+            where = f"{self.path}: " if self.path is not None else ""
+            raise ConfigError(f"{where}an encoder (BERT-style) model cannot {verb}: it has no next-token head; "
+                              "use a decoder checkpoint (pretrain / finetune full / an imported GPT, Llama, Qwen "
+                              "model), or use this one with `predict`, `finetune classify` or `LM.embed`")
 
     def sampling(self, **overrides: Any) -> SamplingParams:
         """Decoding settings: the checkpoint's generation_config.json, then `overrides` that are not None."""
@@ -62,15 +78,21 @@ class LM:
                                  preallocate=False)
         return self.engine
 
-    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
-        """Generated text in pieces as it is produced (never a split character)."""
+    def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
+        """Generated text in pieces as it is produced (never a split character); the prompt may be token ids."""
+        if isinstance(self.model, Seq2Seq):  # an encoder-decoder: the prompt is its source, the output one piece
+            return iter([self.generate(prompt, **sampling)])
         return stream_text(self.model, self.tokenizer, prompt, self.sampling(**sampling), engine=self._engine())
 
     def generate(self, prompt: str | list[str], **sampling: Any) -> str | list[str]:
         """The completion of a prompt; for a list of prompts, their completions decoded as one batch.
 
         For a list, `seed` may be a list too (one per prompt); one int seed gives prompt i seed + i.
+        An encoder-decoder translates the prompt (its source), as `translate`.
         """
+        if isinstance(self.model, Seq2Seq):
+            sampling.pop("stop", None)  # stop strings mean nothing to a source → target model
+            return self.translate(prompt, **sampling)
         if isinstance(prompt, list):
             seed = sampling.pop("seed", None)
             params = ([self.sampling(seed=s, **sampling) for s in seed] if isinstance(seed, list)
@@ -89,6 +111,43 @@ class LM:
         prompt, turn_end = chat_prompt(self.tokenizer, messages)
         stop = list(sampling.pop("stop", None) or []) + turn_end
         return self.stream(prompt, stop=stop, **sampling)
+
+    def translate(self, source: str | list[str], *, num_beams: int | None = None, max_new_tokens: int | None = None,
+                  length_penalty: float | None = None, early_stopping: bool | str | None = None,
+                  num_return_sequences: int = 1, batch_size: int = 16, **sampling: Any,
+                  ) -> str | list[str] | list[list[str]]:
+        """The output of an encoder-decoder (translation, summary) for a source or a list of sources.
+
+        Beam search when `num_beams` > 1, else greedy (temperature 0) or sampling; unset options come from
+        generation_config.json. With `num_return_sequences` n > 1 each source gives its n best outputs.
+        """
+        if not isinstance(self.model, Seq2Seq):
+            raise ConfigError("translate needs an encoder-decoder (seq2seq) model; this checkpoint is a "
+                              f"{type(self.model).__name__}. For a decoder-only model use generate or summarize")
+        params = self.sampling(num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                               **sampling)
+        search = Seq2SeqSearch.from_generation_config(self.generation_config, early_stopping=early_stopping,
+                                                      num_return_sequences=num_return_sequences)
+        texts = [source] if isinstance(source, str) else list(source)
+        outputs = translate_texts(self.model, self.tokenizer, texts, params, search, batch_size)
+        results = [out if num_return_sequences > 1 else out[0] for out in outputs]
+        return results[0] if isinstance(source, str) else results
+
+    def summarize(self, text: str | list[str], *, max_new_tokens: int | None = None, **options: Any) -> str | list[str]:
+        """A short summary of a text (or of each of a list): an encoder-decoder trained on (text, summary)
+        pairs summarizes as it translates; a decoder-only (e.g. instruction-tuned) model is prompted
+        (through its chat template when it has one) and decodes greedily unless told otherwise."""
+        if isinstance(self.model, Seq2Seq):
+            return self.translate(text, max_new_tokens=max_new_tokens, **options)
+        texts = [text] if isinstance(text, str) else list(text)
+        options.setdefault("temperature", 0.0)
+        user_stop = list(options.pop("stop", None) or [])
+        summaries = []
+        for one in texts:
+            prompt, stop = summary_prompt(self.tokenizer, one)
+            stop = user_stop + stop
+            summaries.append(self.generate(prompt, stop=stop, max_new_tokens=max_new_tokens or 128, **options).strip())
+        return summaries[0] if isinstance(text, str) else summaries
 
     @torch.no_grad()
     def logprobs(self, text: str) -> list[tuple[str, float]]:

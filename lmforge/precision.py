@@ -10,6 +10,7 @@ import contextlib
 import functools
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -28,6 +29,18 @@ def default_precision(device: torch.device | str | None = None) -> str:
     if device.type == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32"
     return "bf16-mixed" if cpu_has_fast_bf16() else "32"
+
+
+# What inference verbs (generate, chat, serve, eval, predict) compute in; training's counterpart is precision.
+InferenceDtype = Literal["auto", "float32", "bfloat16"]
+
+
+def inference_dtype(dtype: str | None, device: torch.device | str | None = None) -> torch.dtype | None:
+    """The weights' dtype for `--dtype`: "auto" is bfloat16 where this device has fast bf16 matmuls (as
+    training's default precision), else None: the checkpoint's own dtype (float32, or a quantized layout's)."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if default_precision(device) == "bf16-mixed" else None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

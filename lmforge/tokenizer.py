@@ -8,9 +8,12 @@ tokenizer_config.json), so a tokenizer trained here loads in transformers and an
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json, atomic_write_text, check_output
 
 if TYPE_CHECKING:
     from lmforge.data.readers import TextUnit
@@ -29,6 +32,17 @@ BOS = "<|begin_of_text|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, BOS, IM_START, IM_END]
+# Fill-in-the-middle sentinels (Bavarian et al. 2022), given ids 5-7 when a tokenizer is trained for code.
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+# (prefix, suffix, middle) as each model family spells them; imported models keep theirs.
+FIM_NAMES: list[tuple[str, str, str]] = [
+    (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE),  # lmforge, Qwen2.5-Coder, CodeGemma
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, StarCoder2
+    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),  # SantaCoder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
+]
+# Tokens that end a generated middle besides eos (the file and padding separators of those families).
+FIM_STOPS = ("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<fim_pad>", "<file_sep>", "<reponame>")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -46,11 +60,14 @@ def train_tokenizer(
     out: Path = Path("tok"),
     *,
     vocab_size: int = 8192,
-    field: str = "text",
+    text_field: str = "text",
+    fields: str | None = None,
     glob: str | None = None,
     text_unit: TextUnit = "file",
     min_frequency: int = 2,
     max_documents: int | None = None,
+    fim: bool | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train a byte-level BPE tokenizer on a corpus.
 
@@ -61,30 +78,48 @@ def train_tokenizer(
     Args:
         data: A text, JSONL, CSV/TSV or Parquet file (optionally .gz/.zst), a folder searched recursively
             for them, or a folder written by `data clean` / `data dedup`.
-        out: Directory to write tokenizer.json and tokenizer_config.json into.
+        out: Directory to write tokenizer.json and tokenizer_config.json into; refused if it holds anything,
+            unless `overwrite`.
         vocab_size: Total vocabulary size including the 256 byte tokens and the 5 special tokens.
-        field: The JSONL field / CSV or Parquet column holding the text.
+        text_field: The JSONL field / CSV or Parquet column holding the text.
+        fields: Several fields, comma-separated, each read as a document of its own: "source,target" trains
+            one vocabulary shared by both sides of a pairs directory (`lmforge data pairs`), whose
+            train.jsonl alone is read, so held-out pairs do not shape the vocabulary.
         glob: Only read files matching this pattern, e.g. "*.jsonl".
         text_unit: For plain-text files: one document per "file" or per blank-line "paragraph" block.
         min_frequency: Only merge pairs seen at least this many times.
         max_documents: Train on the first this many documents only (faster on a big corpus).
+        fim: Also reserve <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|> (ids 5-7) for fill-in-the-middle
+            training (`data pack --fim-rate`); by default on for a code corpus (`lmforge.data.fim.is_code_corpus`:
+            written by `data clean --preset code`, or mostly source files by extension).
+        overwrite: Replace what `out` holds.
 
     Returns:
         The tokenizer directory.
     """
-    minimum = 256 + len(SPECIAL_TOKENS)
+    if fim is None:
+        from lmforge.data.fim import is_code_corpus
+
+        fim = is_code_corpus(data, glob)
+    specials = SPECIAL_TOKENS + ([FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE] if fim else [])
+    minimum = 256 + len(specials)
     if vocab_size < minimum:
         raise ConfigError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum} "
-            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            f"(256 bytes + {len(specials)} special tokens)"
         )
     if max_documents is not None and max_documents < 1:
         raise ConfigError(f"max_documents={max_documents} must be at least 1")
     # Imported here: lmforge.data's packer imports this module, and the tokenizer must load without it.
+    from lmforge.data.pairs import is_pairs_dir
     from lmforge.data.readers import count_documents, iter_texts
 
     out = Path(out)
-    length = count_documents(data, glob=glob, cap=max_documents)
+    check_output(out, overwrite)
+    names = [f.strip() for f in fields.split(",") if f.strip()] if fields else [text_field]
+    if is_pairs_dir(data):
+        data = Path(data) / "train.jsonl"
+    length = min(count_documents(data, glob=glob, cap=max_documents) * len(names), max_documents or sys.maxsize)
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -92,23 +127,39 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=sys.stderr.isatty(),  # its bar prints blank lines into logs
     )
 
     def documents() -> Iterator[str]:
-        for i, doc in enumerate(iter_texts(data, text_field=field, glob=glob, text_unit=text_unit)):
+        # Fields interleaved row by row, so --max-documents takes every side of the first rows.
+        streams = [iter_texts(data, text_field=name, glob=glob, text_unit=text_unit) for name in names]
+        texts = (t for row in itertools.zip_longest(*streams) for t in row if t is not None)
+        for i, doc in enumerate(texts):
             if max_documents is not None and i >= max_documents:
                 return
             yield doc
 
     print(f"training a {vocab_size}-token BPE tokenizer on {data} (~{length:,} documents)", file=sys.stderr)
     tok.train_from_iterator(documents(), trainer=trainer, length=length)
-    result = Tokenizer(tok, _default_config())
+    config = _default_config()
+    config["additional_special_tokens"] += specials[len(SPECIAL_TOKENS):]
+    result = Tokenizer(tok, config)
     result.save(out)
     print(f"wrote {out}/tokenizer.json ({result.vocab_size} tokens)", file=sys.stderr)
     return out
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """Ids of a tokenizer's fill-in-the-middle sentinels, their names, and extra stop tokens for a middle."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    names: tuple[str, str, str]
+    stop_names: tuple[str, ...] = ()
 
 
 def _default_config() -> dict[str, Any]:
@@ -259,6 +310,28 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the token -> id table: two tokenizers with the same fingerprint give token ids the
+        same meaning (packed data and a model must agree on it; equal vocabulary sizes alone do not)."""
+        vocab = sorted(self.hf.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+    @functools.cached_property
+    def fim(self) -> FimTokens | None:
+        """The fill-in-the-middle sentinels of this tokenizer under any family's names (`FIM_NAMES`), or None.
+
+        The one place that finds them: packing, `lmforge code` and the server's `suffix` all ask here, so an
+        imported StarCoder or Qwen-Coder keeps the tokens it was trained with.
+        """
+        for names in FIM_NAMES:
+            ids = [self.hf.token_to_id(name) for name in names]
+            if all(i is not None for i in ids):
+                stops = {self.hf.token_to_id(name) for name in FIM_STOPS} - {None}
+                return FimTokens(*ids, names=names, stop_names=tuple(
+                    name for name in FIM_STOPS if self.hf.token_to_id(name) in stops))
+        return None
 
     def token_str(self, key: str) -> str | None:
         """The text of a special token named in tokenizer_config.json ("eos_token", "bos_token", ...)."""

@@ -36,6 +36,17 @@ _EXTRAS = ["naïve café", "你好，世界", "🙂🚀", "def add(a, b):\n    r
 TINY_VOCAB = 512
 
 
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`lmforge.cli.main(args)` in-process → (exit code, stdout, stderr), whether it returns or exits."""
+    from lmforge.cli import main
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def tiny_documents(n: int = 240, seed: int = 0) -> list[str]:
     """Deterministic pseudo-English sentences with a little code, accents, CJK and emoji mixed in."""
     rng = random.Random(seed)

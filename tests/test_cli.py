@@ -11,11 +11,13 @@ from pathlib import Path
 
 import docstring_parser
 import pytest
+from conftest import run_cli as run
 
 import lmforge
 import lmforge.infer.generate
-from lmforge.cli import main, verbs
+from lmforge.cli import verbs
 from lmforge.config import PRESETS
+from lmforge.model.seq2seq import SEQ2SEQ_PRESETS
 from lmforge.tokenizer import Tokenizer
 
 VERB_ARGS = {
@@ -40,14 +42,6 @@ def verb_function(args: list[str]) -> Callable:
     return table[args[0]][args[1]] if len(args) == 2 else table[args[0]]
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """main(args) in-process → (exit code, stdout, stderr), whether it returns or exits."""
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def words(text: str) -> str:
@@ -95,6 +89,11 @@ def test_option_values_that_start_with_dashes_are_passed_unchanged(
     """A prompt beginning with `--` and containing dashes reaches generate exactly as typed."""
 
     class Echo:
+        is_seq2seq = True  # no context to fit the prompt to
+
+        def require_decoder(self, verb: str) -> None:
+            pass
+
         def generate(self, prompt: str, **sampling: object) -> str:
             return f"prompt={prompt!r}"
 
@@ -140,7 +139,7 @@ def test_unknown_option_exits_nonzero_naming_it(tiny_corpus: Path, capsys: pytes
 
 
 @pytest.mark.parametrize(("args", "option"), [
-    (["tokenizer", "train", "--data", "corpus", "--vocab-size", "abc"], "vocab_size"),
+    (["tokenizer", "train", "--data", "corpus", "--vocab-size", "abc"], "--vocab-size"),
     (["pretrain", "--data", "packed", "--precision", "16"], "precision"),
     (["pretrain", "--data", "packed", "--optimizer", "lion"], "optimizer"),
 ])
@@ -165,12 +164,13 @@ def test_lmforge_error_exits_2_with_message_and_no_traceback(
 
 def test_models_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
     """`lmforge models` prints a header and then one row per preset, in the preset table's order; then the
-    baselines (LSTM presets, n-gram orders)."""
+    encoder-decoder presets; then the baselines (LSTM presets, n-gram orders)."""
     code, out, _ = run(["models"], capsys)
     assert code == 0
-    transformers, baselines = out.strip().split("\n\n")
+    transformers, encoder_decoders, baselines = out.strip().split("\n\n")
     listed = [line.split()[0] for line in transformers.splitlines()[1:]]
     assert listed == list(PRESETS)
+    assert [line.split()[0] for line in encoder_decoders.splitlines()[1:]] == list(SEQ2SEQ_PRESETS)
     assert [line.split()[0] for line in baselines.splitlines()[1:]] == ["lstm-tiny", "lstm-small", "ngram-N"]
 
 

@@ -31,7 +31,8 @@ def test_demo_runs_the_whole_chain_and_reports_lower_perplexity(tmp_path):
         assert (out / "model" / name).exists(), name
     meta = json.loads((out / "packed" / "meta.json").read_text())
     assert meta["tokens"]["val"] > 0
-    assert text.count("```python") == 4
+    assert text.count("```python") == 5  # four continuations and one fill-in-the-middle
+    assert "<FILL> = " in text
     # the compression section: the trained model beside its int8 and int4 copies, each smaller
     sizes = [float(re.search(rf"\| {name} \| [^|]+ \| ([\d.]+) \|", text).group(1))
              for name in ("model", "model-int8", "model-int4")]

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import shutil
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.data.fim import FimConfig, Sentinels, is_code_corpus, transform
 from lmforge.data.readers import TextUnit, iter_texts
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_bytes, atomic_write_json
@@ -41,26 +43,37 @@ def _is_val(text: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
-def _init_worker(tokenizer_dir: str, dtype: str, seed: int, val_fraction: float, in_process: bool) -> None:
+def _init_worker(tokenizer_dir: str, dtype: str, seed: int, val_fraction: float,
+                 fim: tuple[FimConfig, Sentinels] | None, in_process: bool) -> None:
     if not in_process:
         # One process per core already; tokenizers' own threads would only oversubscribe them.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = Tokenizer.load(tokenizer_dir)
-    _worker.update(tok=tok, dtype=np.dtype(dtype), seed=seed, val_fraction=val_fraction)
+    _worker.update(tok=tok, dtype=np.dtype(dtype), seed=seed, val_fraction=val_fraction, fim=fim)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokens of a batch of documents, each followed by eos, as (flat tokens, lengths, is_val)."""
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Tokens of a batch of documents, each followed by eos, as (flat tokens, lengths, is_val, FIM examples)."""
     tok: Tokenizer = _worker["tok"]
     encoded = tok.encode_batch(texts)
+    is_val = np.array([_is_val(t, _worker["seed"], _worker["val_fraction"]) for t in texts], dtype=bool)
+    fim_examples = 0
+    if _worker["fim"] is not None:  # training documents only: validation stays left-to-right, comparable
+        cfg, sentinels = _worker["fim"]
+        for i, text in enumerate(texts):
+            if not is_val[i]:
+                ids, n = transform(text, encoded[i], lambda parts: tok.encode_batch(parts, add_bos=False),
+                                   sentinels, cfg, _worker["seed"])
+                if n:
+                    encoded[i] = [*encoded[i][:1], *ids] if encoded[i][:1] == [tok.bos_id] else ids
+                    fim_examples += n
     lengths = np.array([len(ids) + 1 for ids in encoded], dtype=np.int64)
     flat = np.fromiter(
         chain.from_iterable([*ids, tok.eos_id] for ids in encoded),
         dtype=_worker["dtype"],
         count=int(lengths.sum()),
     )
-    is_val = np.array([_is_val(t, _worker["seed"], _worker["val_fraction"]) for t in texts], dtype=bool)
-    return flat, lengths, is_val
+    return flat, lengths, is_val, fim_examples
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -159,13 +172,16 @@ def pack(
     tokenizer: Path,
     out: Path = Path("packed"),
     *,
-    field: str = "text",
+    text_field: str = "text",
     glob: str | None = None,
     text_unit: TextUnit = "file",
     val_fraction: float = 0.01,
     workers: int | None = None,
     seed: int = 0,
     shard_tokens: int = 2**26,
+    fim_rate: float | None = None,
+    fim_spm_rate: float = 0.5,
+    fim_span_tokens: int = 128,
 ) -> Path:
     """Tokenize a corpus into memory-mapped token shards for pretraining.
 
@@ -178,13 +194,20 @@ def pack(
             for them, or a folder written by `data clean` / `data dedup`.
         tokenizer: Directory holding tokenizer.json (from `lmforge tokenizer train`, a checkpoint, or HF).
         out: Directory to create; refused if it exists and is not empty.
-        field: The JSONL field / CSV or Parquet column holding the text.
+        text_field: The JSONL field / CSV or Parquet column holding the text.
         glob: Only read files matching this pattern, e.g. "*.jsonl".
         text_unit: For plain-text files: one document per "file" or per blank-line "paragraph" block.
         val_fraction: Fraction of documents held out for validation (0 for none).
         workers: Tokenizer processes; by default one per CPU core.
         seed: Changes which documents land in the validation split.
         shard_tokens: Maximum tokens per shard file.
+        fim_rate: Share of training spans rewritten for fill-in-the-middle (Bavarian et al. 2022, see
+            `lmforge.data.fim`), so the model can complete code at a cursor. By default 0.5 for a code corpus
+            (written by `data clean --preset code`, or mostly source files by extension) when the tokenizer
+            has FIM tokens, else 0. Validation documents always stay left-to-right.
+        fim_spm_rate: Share of FIM examples in suffix-prefix-middle order; the rest are prefix-suffix-middle.
+        fim_span_tokens: Documents longer than this are cut at line ends into spans of about this many tokens,
+            each transformed on its own, so an example fits a training window (at most half the context).
 
     Returns:
         The packed dataset directory.
@@ -204,14 +227,15 @@ def pack(
     if tok.eos_id is None:
         raise ConfigError(f"{tok_dir}: tokenizer has no end-of-text token to separate documents (eos_token)")
     dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+    fim = _fim_settings(data, glob, tok, tok_dir, fim_rate, fim_spm_rate, fim_span_tokens)
 
     tmp = out.parent / f".{out.name}.packing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         writers = {split: _ShardWriter(tmp, split, shard_tokens) for split in ("train", "val")}
-        texts = iter_texts(data, text_field=field, glob=glob, text_unit=text_unit)
-        _write_splits(texts, workers, (str(tok_dir), dtype, seed, val_fraction), writers)
+        texts = iter_texts(data, text_field=text_field, glob=glob, text_unit=text_unit)
+        fim_examples = _write_splits(texts, workers, (str(tok_dir), dtype, seed, val_fraction, fim), writers)
         counts = {split: w.documents for split, w in writers.items()}
         if counts["train"] + counts["val"] == 0:
             raise DataError(f"{data}: no documents found (every file is empty)")
@@ -233,10 +257,14 @@ def pack(
                 "tokens": {split: w.tokens for split, w in writers.items()},
                 "shards": {split: w.shards for split, w in writers.items()},
                 "source": str(data),
-                "field": field,
+                "field": text_field,
                 "glob": glob,
                 "text_unit": text_unit,
                 "tokenizer": "tokenizer",
+                "tokenizer_hash": tok.fingerprint,
+                "fim": None if fim is None else {
+                    "rate": fim[0].rate, "spm_rate": fim[0].spm_rate, "span_tokens": fim[0].span_tokens,
+                    "tokens": list(tok.fim.names) if tok.fim else None, "examples": fim_examples},
             },
         )
         _refuse_nonempty(out)
@@ -248,17 +276,36 @@ def pack(
     return out
 
 
+def _fim_settings(data: Path, glob: str | None, tok: Tokenizer, tok_dir: Path, rate: float | None,
+                  spm_rate: float, span_tokens: int) -> tuple[FimConfig, Sentinels] | None:
+    """The FIM transform pack applies, or None: asked for, or by default for a code corpus (see `pack`)."""
+    auto = rate is None
+    cfg = FimConfig((0.5 if is_code_corpus(data, glob) else 0.0) if auto else rate, spm_rate, span_tokens)
+    if cfg.rate == 0:
+        return None
+    if tok.fim is None:
+        if auto:
+            print(f"note: {data} is code, but {tok_dir} has no fill-in-the-middle tokens: packing without FIM "
+                  "(train the tokenizer with `--fim true` to get them)", file=sys.stderr)
+            return None
+        raise ConfigError(f"fim_rate={cfg.rate}: {tok_dir} has no fill-in-the-middle tokens (<|fim_prefix|>, "
+                          "<fim_prefix>, ...); train the tokenizer with `lmforge tokenizer train --fim true`")
+    return cfg, Sentinels(tok.fim.prefix, tok.fim.suffix, tok.fim.middle, tok.eos_id)
+
+
 def _write_splits(
     texts: Iterable[str], workers: int, init_args: tuple, writers: dict[str, _ShardWriter]
-) -> None:
-    """Route each document to its split, holding back the last one of each split for the fix-ups below."""
+) -> int:
+    """Route each document to its split, holding back the last one of each split for the fix-ups below;
+    returns the number of FIM examples written."""
     val_fraction = init_args[3]
     held: dict[str, np.ndarray | None] = {"train": None, "val": None}
-    documents = tokens = 0
+    documents = tokens = fim_examples = 0
     bar = Progress(None, "pack", unit="documents")
-    for flat, lengths, is_val in _encoded(
+    for flat, lengths, is_val, fims in _encoded(
         _batches(texts), workers, init_args
     ):
+        fim_examples += fims
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         for i, val in enumerate(is_val):
             split = "val" if val else "train"
@@ -279,6 +326,7 @@ def _write_splits(
             writers[split].add(tokens_)
     for w in writers.values():
         w.close()
+    return fim_examples
 
 
 class PackedDataset:

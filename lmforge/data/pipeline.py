@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lmforge.data.clean import FILTERS, NORMALIZE, Normalize, Tally, iter_clean
+from lmforge.data.clean import FILTERS, NORMALIZE, Normalize, Preset, Tally, iter_clean, preset_settings
 from lmforge.data.dedup import NearDuplicates, drop_units, exact_key, minhash_signature, unit_hashes
 from lmforge.data.filters import Filters
 from lmforge.data.readers import BadBytes, OnError, ShardWriter, Skip, TextUnit, input_files, read_file, read_shard
@@ -90,22 +90,32 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _prepare(output: Path, settings: dict[str, Any], resume: bool) -> Path | None:
-    """Create `output`/.work; on resume, check the settings match. None when the run already finished."""
+def _prepare(output: Path, settings: dict[str, Any], resume: bool, overwrite: bool = False) -> Path | None:
+    """Create `output`/.work; on resume, check the settings match. None when the run already finished.
+
+    A failed run never blocks its retry: the message names both ways on, --resume with the same settings
+    or --overwrite to start over.
+    """
     output = Path(output)
     work = output / WORK
     plan = work / "plan.json"
+    if overwrite and output.is_dir() and any(output.iterdir()):
+        shutil.rmtree(output)
     if (output / "manifest.json").exists():
         if resume:
             return None
-        raise DataError(f"{output}: already holds a finished run (manifest.json); choose another --output")
+        raise DataError(f"{output}: already holds a finished run (manifest.json); choose another --out "
+                        "or pass --overwrite to replace it")
     if output.exists() and any(output.iterdir()):
+        if not plan.exists():
+            raise DataError(f"{output}: not empty and not a run of this verb; choose another --out "
+                            "or pass --overwrite to replace its contents")
+        if json.loads(plan.read_text())["hash"] != _settings_hash(settings):
+            raise DataError(f"{output}: holds an unfinished run started with other inputs or settings ({plan}); "
+                            "rerun with those to continue it, or pass --overwrite to start over")
         if not resume:
-            raise DataError(f"{output}: not empty; pass --resume true to continue the run there, "
-                            "or choose another --output")
-        if plan.exists() and json.loads(plan.read_text())["hash"] != _settings_hash(settings):
-            raise DataError(f"{output}: was started with other inputs or settings ({plan}); "
-                            "resume it with the same ones or choose another --output")
+            raise DataError(f"{output}: holds an unfinished run with these settings; pass --resume true to "
+                            "continue it, or --overwrite to start over")
     work.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(work)
     remove_stale_temps(output)
@@ -224,21 +234,23 @@ def _tasks(input: Path | Sequence[Path], glob: str | None, common: dict) -> list
 
 
 def clean(
-    input: Path,
-    output: Path,
+    data: Path,
+    out: Path,
     *,
     text_field: str = "text",
     text_unit: TextUnit = "file",
     glob: str | None = None,
+    preset: Preset = "prose",
     normalize: Normalize = NORMALIZE,
     filters: Filters = FILTERS,
-    pii: bool = True,
+    pii: bool | None = None,
     exact_dedup: bool = True,
     stopwords: bool = False,
     compress: bool = False,
     workers: int = 1,
     executor: Executor = "local",
     resume: bool = False,
+    overwrite: bool = False,
     on_error: OnError = "raise",
     bad_bytes: BadBytes = "replace",
     progress: bool = True,
@@ -250,20 +262,26 @@ def clean(
     (every skipped line and why) and clusters.jsonl (each kept document with the exact copies removed).
 
     Args:
-        input: A file, or a folder searched recursively.
-        output: Folder for the shards; created, or continued with `resume`.
+        data: A file, or a folder searched recursively.
+        out: Folder for the shards; created, or continued with `resume`.
         text_field: JSONL key / CSV or Parquet column holding the text.
         text_unit: For plain-text files: one document per "file" or per blank-line "paragraph" block.
         glob: Only files under a folder whose relative path matches this pattern (e.g. "**/*.jsonl.gz").
+        preset: "prose" (normalise, filter, scrub PII) or "code": every text kept byte-identical (no
+            normalisation, no quality filters, no PII scrub; exact duplicates still dropped). Options given
+            with a preset override it: `--preset code --pii true` scrubs PII and changes nothing else.
         normalize: Text normalisation steps.
-        filters: Quality filter thresholds; `--filters.enabled false` keeps everything (e.g. for code).
-        pii: Replace emails, phone numbers, IP addresses and card numbers with placeholders.
+        filters: Quality filter thresholds; `--filters.enabled false` keeps every document (but still
+            normalises it: use `--preset code` for code).
+        pii: Replace emails, phone numbers, IP addresses and card numbers with placeholders (default: on for
+            prose, off for code).
         exact_dedup: Drop documents whose normalised text appeared earlier in the corpus.
         stopwords: Replace each text with its words minus stopwords (for classic NLP, not for LM training).
         compress: Write .jsonl.zst shards.
         workers: Processes (or Ray tasks) working on shards at once.
         executor: "local" processes or a "ray" cluster (RAY_ADDRESS, else a local one); same output.
-        resume: Continue an interrupted run in `output`, skipping finished shards.
+        resume: Continue an interrupted run in `out`, skipping finished shards.
+        overwrite: Delete what `out` holds and start over.
         on_error: "raise" at the first malformed line, or "skip" it and log it in skipped.jsonl.
         bad_bytes: Undecodable bytes: "replace" with U+FFFD (logged), "skip" the document, or "raise".
         progress: Show a progress line.
@@ -271,14 +289,15 @@ def clean(
     Returns:
         The counts from manifest.json and the output folder.
     """
-    output = Path(output)
+    output = Path(out)
+    normalize, filters, pii = preset_settings(preset, normalize, filters, pii)
     common = {"text_field": text_field, "text_unit": text_unit, "normalize": asdict(normalize),
               "filters": asdict(filters), "pii": pii, "stopwords": stopwords, "on_error": on_error,
               "bad_bytes": bad_bytes}
-    tasks = _tasks(input, glob, common)
-    settings = {**common, "exact_dedup": exact_dedup, "compress": compress,
+    tasks = _tasks(data, glob, common)
+    settings = {**common, "preset": preset, "exact_dedup": exact_dedup, "compress": compress,
                 "inputs": [(t["path"], t["name"]) for t in tasks]}
-    work = _prepare(output, settings, resume)
+    work = _prepare(output, settings, resume, overwrite)
     if work is None:
         return {"output": str(output), **json.loads((output / "manifest.json").read_text())["counts"]}
     for t in tasks:
@@ -364,8 +383,8 @@ def _map_dedup(task: dict) -> dict:
 
 
 def dedup(
-    input: Path,
-    output: Path,
+    data: Path,
+    out: Path,
     *,
     near_threshold: float | None = 0.8,
     exact: bool = True,
@@ -380,6 +399,7 @@ def dedup(
     workers: int = 1,
     executor: Executor = "local",
     resume: bool = False,
+    overwrite: bool = False,
     on_error: OnError = "raise",
     bad_bytes: BadBytes = "replace",
     progress: bool = True,
@@ -390,8 +410,8 @@ def dedup(
     kept id with the ids removed as its copies, and manifest.json counts removals by rule.
 
     Args:
-        input: A file or folder (typically the output of `lmforge data clean`).
-        output: Folder for the deduplicated shards.
+        data: A file or folder (typically the output of `lmforge data clean`).
+        out: Folder for the deduplicated shards.
         near_threshold: Estimated Jaccard similarity of shingle sets at which two documents are near
             duplicates; null turns near dedup off.
         exact: Also drop exact duplicates (case and whitespace folded).
@@ -406,7 +426,8 @@ def dedup(
         compress: Write .jsonl.zst shards.
         workers: Processes (or Ray tasks) working on shards at once.
         executor: "local" processes or a "ray" cluster; same output.
-        resume: Continue an interrupted run in `output`, skipping finished shards.
+        resume: Continue an interrupted run in `out`, skipping finished shards.
+        overwrite: Delete what `out` holds and start over.
         on_error: "raise" at the first malformed line, or "skip" it and log it in skipped.jsonl.
         bad_bytes: Undecodable bytes: "replace" with U+FFFD (logged), "skip" the document, or "raise".
         progress: Show a progress line.
@@ -416,13 +437,13 @@ def dedup(
     """
     if near_threshold is not None and not 0 < near_threshold <= 1:
         raise ConfigError(f"near_threshold must be in (0, 1], got {near_threshold}")
-    output = Path(output)
+    output = Path(out)
     common = {"text_field": text_field, "text_unit": text_unit, "on_error": on_error, "bad_bytes": bad_bytes,
               "near": near_threshold, "num_perm": num_perm, "shingle": shingle, "boilerplate": boilerplate}
-    tasks = _tasks(input, glob, common)
+    tasks = _tasks(data, glob, common)
     settings = {**common, "exact": exact, "compress": compress, "boilerplate_min_docs": boilerplate_min_docs,
                 "inputs": [(t["path"], t["name"]) for t in tasks]}
-    work = _prepare(output, settings, resume)
+    work = _prepare(output, settings, resume, overwrite)
     if work is None:
         return {"output": str(output), **json.loads((output / "manifest.json").read_text())["counts"]}
     for t in tasks:

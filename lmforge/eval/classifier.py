@@ -29,6 +29,10 @@ class HeadClassifier:
             raise ConfigError(f"{self.path}: a {self.head.task!r} head predicts numbers, not labels; "
                               "classification tasks need a `finetune classify` run")
 
+    @property
+    def labels(self) -> list[str]:
+        return list(self.head.labels)
+
     def predict(self, texts: list[str]) -> list[tuple[str, dict[str, float]]]:
         probs = predict_texts(self.loaded.model, self.loaded.tokenizer, texts, self.batch_size).softmax(-1)
         labels = self.head.labels

@@ -16,15 +16,21 @@ import platform
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from lmforge.apps.answer import Reader, is_span_run
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.classifier import HeadClassifier, is_head_run
-from lmforge.eval.harness import Unsupported, run_task
+from lmforge.eval.harness import BOS_PREFIXES, Unsupported, run_task
 from lmforge.eval.remote import RemoteLM, is_endpoint
 from lmforge.eval.sandbox import check_isolation
+from lmforge.eval.seq2seq import BASELINES as SEQ2SEQ_BASELINES
+from lmforge.eval.seq2seq import TASKS as SEQ2SEQ_TASKS
+from lmforge.eval.seq2seq import baseline as seq2seq_baseline
+from lmforge.eval.seq2seq import evaluate_pairs
 from lmforge.eval.tasks import find_tasks, load_task
-from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json, atomic_write_text, check_output
+from lmforge.options import Dtype, torch_dtype
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -79,6 +85,12 @@ def evaluate(
     tokenizer: Path | None = None,
     concurrency: int = 8,
     cache: Path | None = None,
+    bos_prefix: Literal["eos", "none", "model"] = "eos",
+    num_beams: int | None = None,
+    baselines: str | list[str] | None = None,
+    max_new_tokens: int | None = None,
+    dtype: Dtype | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model on task files (or held-out perplexity) and write a reproducible report.
 
@@ -88,8 +100,10 @@ def evaluate(
             a loaded LM or any object with `predict(texts)`.
         tasks: Task files (*.yaml) or folders of them.
         out: Report file (JSON); a Markdown table is written beside it (same name, .md).
-        task: One more task: a task file, or "perplexity" (with --data).
-        data: Held-out text for --task perplexity: a text file, folder, JSONL file or packed dataset.
+        task: One more task: a task file, "perplexity" (with --data), or "translation" / "summarization" (with
+            --data; the model may also be a baseline: copy, lead or dictionary).
+        data: Held-out text for --task perplexity: a text file, folder, JSONL file or packed dataset; for
+            translation / summarization: {"source", "target"} pairs (JSONL) or a pairs directory (its test.jsonl).
         seed: Seed for drawing few-shot examples and for sampling code completions.
         batch_size: Loglikelihood requests scored together.
         device: "cpu", "cuda", ...; default CUDA when present.
@@ -104,25 +118,47 @@ def evaluate(
         concurrency: Endpoints only: requests in flight at once (429 / 5xx answers are retried with back-off).
         cache: Endpoints only: directory of cached answers, so a rerun does not pay twice
             (default ~/.cache/lmforge/remote).
+        bos_prefix: What precedes each context in loglikelihood scoring: "eos" (an end-of-text token, or the
+            tokenizer's BOS where it adds one: documents follow one another so in training), "none" (nothing,
+            as lm-evaluation-harness's `hf` model by default: use it to reproduce published numbers) or
+            "model" (the tokenizer's own BOS rule, as lm-evaluation-harness with add_bos_token=True).
+        num_beams: Translation / summarization: beams for decoding (default: the model's generation_config).
+        baselines: Translation / summarization: baselines scored on the same --data, as rows of the same
+            table, comma-separated: copy, lead, dictionary (learned from the train.jsonl beside --data).
+        max_new_tokens: Translation / summarization: most tokens generated per source (default: the model's
+            generation_config).
+        dtype: Cast a local model's weights ("float32" or "bfloat16"); default the checkpoint's own.
+        overwrite: Replace the report at `out` (refused by default: a report may be the only record of a run).
 
     Returns:
         Each task's metrics and the report's path.
     """
     from lmforge.lm import LM, load
 
+    if out is not None:
+        check_output(out, overwrite)
+        check_output(Path(out).with_suffix(".md"), overwrite, option="--out")
+    if bos_prefix not in BOS_PREFIXES:
+        raise ConfigError(f"--bos-prefix {bos_prefix}: expected one of {', '.join(BOS_PREFIXES)}")
     paths = find_tasks([tasks] if isinstance(tasks, (str, Path)) else list(tasks or []))
-    if task is not None and task != "perplexity":
+    data_task = task == "perplexity" or task in SEQ2SEQ_TASKS  # built-in tasks on --data, not task files
+    if task is not None and not data_task:
         paths.append(Path(task))
-    if task == "perplexity" and data is None:
-        raise ConfigError("--task perplexity needs --data (held-out text)")
-    if data is not None and task != "perplexity":
-        raise ConfigError("--data is the held-out text for --task perplexity; task files name their own data")
-    if not paths and task != "perplexity":
+    for name in _names(baselines):
+        if task not in SEQ2SEQ_TASKS or name not in SEQ2SEQ_BASELINES:
+            raise ConfigError(f"--baselines {name}: baselines go with --task translation / summarization and are "
+                              f"{', '.join(SEQ2SEQ_BASELINES)}")
+    if data_task and data is None:
+        raise ConfigError(f"--task {task} needs --data (held-out {'text' if task == 'perplexity' else 'pairs'})")
+    if data is not None and not data_task:
+        raise ConfigError("--data is the held-out data of --task perplexity / translation / summarization; task "
+                          "files name their own data")
+    if not paths and not data_task:
         raise ConfigError("nothing to evaluate: give --tasks (files or folders) or --task perplexity --data FILE")
     loaded = [load_task(p) for p in paths]  # every task validated before the model loads
     if any(t.kind == "code" for t in loaded):  # refuse before hours of other tasks, not after
         check_isolation(not unsafe_no_sandbox)
-    names = [t.name for t in loaded] + (["perplexity"] if task == "perplexity" else [])
+    names = [t.name for t in loaded] + ([task] if data_task else [])
     if len(set(names)) != len(names):
         raise ConfigError(f"two tasks share a name: {sorted(n for n in names if names.count(n) > 1)}; "
                           "set `name:` in one of the files")
@@ -140,16 +176,20 @@ def evaluate(
                       cache=cache)
     elif model_path is None:
         lm = model
+    elif task in SEQ2SEQ_TASKS and str(model) in SEQ2SEQ_BASELINES and not model_path.exists():
+        lm, model_path = seq2seq_baseline(str(model), Path(data)), None
+    elif is_span_run(model_path):  # a `finetune qa` run or HF BertForQuestionAnswering: document_qa tasks
+        lm = Reader(model_path, "extractive", device)
     elif is_head_run(model_path):  # a `finetune classify` run: classification tasks only
         lm = HeadClassifier(model_path, device=device, batch_size=batch_size)
     else:
-        lm = load(model_path, device=device)
+        lm = load(model_path, device=device, dtype=torch_dtype(dtype))
     if model_path is None:
         model_path = getattr(lm, "path", None)
     report: dict[str, Any] = {
         "lmforge_version": _version(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "model": lm.provenance() if isinstance(lm, RemoteLM) else model_provenance(lm, model_path), "seed": seed,
-        "batch_size": batch_size,
+        "batch_size": batch_size, "bos_prefix": bos_prefix, "scoring_convention": BOS_PREFIXES[bos_prefix],
         "environment": {"python": platform.python_version(), "torch": _torch_version(),
                         "device": str(getattr(lm, "device", "n/a"))},
         "tasks": {}, "skipped": {},
@@ -169,10 +209,15 @@ def evaluate(
             "metrics": {k: result[k] for k in ("perplexity", "bits_per_byte", "nll")},
             "tokens": result["tokens"], "bytes": result["bytes"], "block_size": result["block_size"],
             "stride": result["stride"]}
+    if task in SEQ2SEQ_TASKS:
+        report["tasks"][task] = evaluate_pairs(lm, Path(data), task, num_beams=num_beams, batch_size=batch_size,
+                                               max_new_tokens=max_new_tokens, progress=progress)
+        for name in _names(baselines):
+            report["tasks"][f"{task}[baseline:{name}]"] = evaluate_pairs(name, Path(data), task, progress=progress)
     for t in loaded:
         try:
             result = run_task(lm, t, seed=seed, batch_size=batch_size, isolate=not unsafe_no_sandbox,
-                              progress=progress)
+                              progress=progress, bos_prefix=bos_prefix)
         except Unsupported as e:
             warnings.warn(f"{t.path}: skipped: {e}", stacklevel=2)
             report["skipped"][t.name] = {"file": str(t.path), "reason": str(e)}
@@ -227,6 +272,11 @@ def append_metrics(checkpoint: Path, report: dict[str, Any], out: Path | None) -
         os.fsync(f.fileno())
 
 
+def _names(values: str | list[str] | None) -> list[str]:
+    items = values.split(",") if isinstance(values, str) else list(values or [])
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "—"
@@ -244,10 +294,15 @@ def markdown(report: dict[str, Any]) -> str:
     notes = [f"- {name}: {r['truncated']} prompts truncated from the left to fit the context"
              for name, r in report["tasks"].items() if r.get("truncated")]
     notes += [f"- {name}: skipped ({v['reason']})" for name, v in report.get("skipped", {}).items()]
+    notes += list(dict.fromkeys(f"- {r['kind']} {metric}: {signature}" for r in report["tasks"].values()
+                                for metric, signature in r.get("signatures", {}).items()))
     model = report["model"]
     head = [f"Model: `{model.get('path') or _endpoint_label(model) or model['type']}`" +
             (f" (weights sha256 {model['weights_sha256'][:12]})" if "weights_sha256" in model else "") +
             f", seed {report['seed']}, lmforge {report['lmforge_version']}", ""]
+    if "bos_prefix" in report and any(r["kind"] in ("multiple_choice", "loglikelihood")
+                                      for r in report["tasks"].values()):
+        head[-1:] = [f"Loglikelihoods: --bos-prefix {report['bos_prefix']}: {report['scoring_convention']}.", ""]
     return "\n".join(head + rows + (["", *notes] if notes else []))
 
 

@@ -14,15 +14,16 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval import metrics as M
+from lmforge.eval.qa import run_document_qa, run_retrieval
 from lmforge.eval.sandbox import Limits, check_isolation, run_python
-from lmforge.eval.tasks import CODE_STOP, Example, Task
+from lmforge.eval.tasks import CODE_STOP, Example, Task, Unsupported
 from lmforge.progress import Progress
 
 if TYPE_CHECKING:
@@ -47,20 +48,34 @@ class Score:
     truncated: bool  # the context was cut from the left to fit the model's window
 
 
-class Unsupported(Exception):
-    """This model cannot run this kind of task (e.g. classification without a head): the task is skipped."""
+
+BosPrefix = Literal["eos", "none", "model"]
+BOS_PREFIXES: dict[str, str] = {  # the convention, in the words the report states it
+    "eos": "each context follows an end-of-text token (the tokenizer's BOS where it adds one), as documents "
+           "follow one another in training",
+    "none": "contexts are scored with nothing before them, as lm-evaluation-harness's `hf` model does by default "
+            "(an empty context gets end-of-text)",
+    "model": "contexts start as the tokenizer itself starts a text (BOS where its rule adds one, else nothing), "
+             "as lm-evaluation-harness with add_bos_token=True",
+}
 
 
-def encode_pair(lm: LM, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-evaluation-harness splits them; the context starts with eos
-    (or the tokenizer's BOS) so the first continuation token is conditioned on something, as in training."""
+def encode_pair(lm: LM, context: str, continuation: str, bos_prefix: BosPrefix = "eos"
+                ) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness splits them, with `bos_prefix` deciding what
+    comes before the context (see BOS_PREFIXES). Under "eos" the first continuation token is conditioned on
+    something, as in training; "none" reproduces lm-evaluation-harness's published numbers."""
+    if bos_prefix not in BOS_PREFIXES:
+        raise ConfigError(f"bos_prefix={bos_prefix!r}: expected one of {sorted(BOS_PREFIXES)}")
     tok = lm.tokenizer
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    ctx = tok.encode(context)
-    cont = tok.encode(context + continuation)[len(ctx):]
-    if not (tok.add_bos and tok.bos_id is not None):
+    add_bos = False if bos_prefix == "none" else None  # None: the tokenizer's own rule
+    ctx = tok.encode(context, add_bos=add_bos)
+    cont = tok.encode(context + continuation, add_bos=add_bos)[len(ctx):]
+    starts_with_bos = tok.bos_id is not None and ctx[:1] == [tok.bos_id]
+    if (bos_prefix == "eos" and not starts_with_bos) or not ctx:
         ctx = [tok.eos_id, *ctx]
     return ctx, cont
 
@@ -114,12 +129,13 @@ def score_pairs(lm: LM, pairs: Sequence[tuple[list[int], list[int]]], *, batch_s
 
 
 def loglikelihoods(lm: Any, task: Task, requests: list[tuple[Example, str, str]], *, batch_size: int,
-                   bar: Progress) -> list[Score]:
+                   bar: Progress, bos_prefix: BosPrefix = "eos") -> list[Score]:
     """Score each (example, context, continuation): a local model in batches through `score_pairs`; a model
     with its own `loglikelihoods` (an HTTP endpoint, `lmforge.eval.remote`) through that."""
     if hasattr(lm, "loglikelihoods"):
-        return lm.loglikelihoods(task, requests, progress=bar)
-    pairs = [check_pair(lm, task, e, encode_pair(lm, context, continuation)) for e, context, continuation in requests]
+        return lm.loglikelihoods(task, requests, progress=bar, bos_prefix=bos_prefix)
+    pairs = [check_pair(lm, task, e, encode_pair(lm, context, continuation, bos_prefix))
+             for e, context, continuation in requests]
     return score_pairs(lm, pairs, batch_size=batch_size, progress=bar)
 
 
@@ -129,14 +145,15 @@ def _warn_truncated(task: Task, count: int, total: int, window: int) -> None:
                       f"({window} tokens) and were truncated from the left", stacklevel=3)
 
 
-def run_multiple_choice(lm: LM, task: Task, contexts: list[str], *, batch_size: int, bar: Progress) -> dict:
+def run_multiple_choice(lm: LM, task: Task, contexts: list[str], *, batch_size: int, bar: Progress,
+                        bos_prefix: BosPrefix = "eos") -> dict:
     """acc: the choice with the highest loglikelihood is the answer; acc_norm: the same after dividing each
     loglikelihood by the choice's length in characters, as lm-evaluation-harness does (`len(choice)`)."""
     requests, starts = [], []
     for example, context in zip(task.examples, contexts):
         starts.append(len(requests))
         requests += [(example, context, task.target_delimiter + choice) for choice in task.choices(example)]
-    scores = loglikelihoods(lm, task, requests, batch_size=batch_size, bar=bar)
+    scores = loglikelihoods(lm, task, requests, batch_size=batch_size, bar=bar, bos_prefix=bos_prefix)
     details, acc, acc_norm, truncated = [], [], [], 0
     for i, example in enumerate(task.examples):
         choices = task.choices(example)
@@ -156,12 +173,13 @@ def run_multiple_choice(lm: LM, task: Task, contexts: list[str], *, batch_size: 
     return {"metrics": {m: values[m] for m in task.metrics}, "truncated": truncated, "details": details}
 
 
-def run_loglikelihood(lm: LM, task: Task, contexts: list[str], *, batch_size: int, bar: Progress) -> dict:
+def run_loglikelihood(lm: LM, task: Task, contexts: list[str], *, batch_size: int, bar: Progress,
+                      bos_prefix: BosPrefix = "eos") -> dict:
     """loglikelihood: mean per example; perplexity: exp(−Σ ll / Σ tokens); bits_per_byte: −Σ ll / (ln 2 ·
     UTF-8 bytes of the continuations); acc: share of continuations that greedy decoding would produce."""
     continuations = [task.render(task.options["continuation"], e, "continuation") for e in task.examples]
     requests = [(e, c, task.target_delimiter + cont) for e, c, cont in zip(task.examples, contexts, continuations)]
-    scores = loglikelihoods(lm, task, requests, batch_size=batch_size, bar=bar)
+    scores = loglikelihoods(lm, task, requests, batch_size=batch_size, bar=bar, bos_prefix=bos_prefix)
     total = sum(s.loglikelihood for s in scores)
     n_bytes = sum(len((task.target_delimiter + c).encode("utf-8")) for c in continuations)
     values = {"loglikelihood": total / len(scores),
@@ -223,10 +241,16 @@ def run_classification(model: Any, task: Task, *, bar: Progress) -> dict:
                           "fine-tune one with a classification head first")
     texts = [task.render(task.prompt, e, "prompt") for e in task.examples]
     gold = [task.label(e) for e in task.examples]
+    known = getattr(model, "labels", None)
+    if known is not None:  # refuse before scoring: a disjoint label set would score 0 and look like a bad model
+        _check_labels(task, gold, [str(label) for label in known], getattr(model, "path", type(model).__name__))
     output = model.predict(texts)
     if len(output) != len(texts):
         raise DataError(f"{type(model).__name__}.predict returned {len(output)} predictions for {len(texts)} texts")
     predictions = [(str(label), dict(probs)) for label, probs in output]
+    if known is None:
+        _check_labels(task, gold, sorted({p[0] for p in predictions} | {k for p in predictions for k in p[1]}),
+                      type(model).__name__)
     bar.update(len(texts))
     pred = [p[0] for p in predictions]
     values = {"accuracy": M.accuracy(gold, pred)}
@@ -241,6 +265,20 @@ def run_classification(model: Any, task: Task, *, bar: Progress) -> dict:
     return {"metrics": {m: values[m] for m in task.metrics}, "truncated": 0, "details": details,
             "per_class": M.precision_recall_f1(gold, pred, average=None, labels=labels),
             "confusion_matrix": {"labels": labels, "matrix": M.confusion_matrix(gold, pred, labels)}}
+
+
+def _check_labels(task: Task, gold: list[str], labels: list[str], model: Any) -> None:
+    """Gold labels the classifier cannot predict: all of them is an error (the score would be 0 for a
+    reason that has nothing to do with the model's quality), some of them a warning."""
+    wanted = sorted(set(gold))
+    missing = [g for g in wanted if g not in set(labels)]
+    if len(missing) == len(wanted):
+        raise DataError(f"{task.path}: the task's labels {wanted} and the labels of {model} {sorted(labels)} have "
+                        "nothing in common; is this the classifier trained for this task (or does the task's "
+                        "`label` field name the right column)?")
+    if missing:
+        warnings.warn(f"{task.path}: labels {missing} never come out of {model} (its labels: {sorted(labels)}); "
+                      "examples with them always count as errors", stacklevel=3)
 
 
 def run_code(lm: LM, task: Task, contexts: list[str], *, seed: int, isolate: bool, bar: Progress) -> dict:
@@ -271,11 +309,14 @@ def run_code(lm: LM, task: Task, contexts: list[str], *, seed: int, isolate: boo
 
 
 def run_task(model: Any, task: Task, *, seed: int = 1234, batch_size: int = 8, isolate: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, bos_prefix: BosPrefix = "eos") -> dict:
     """Every number for one task: its metrics, how many prompts were truncated, and per-example details."""
     if task.kind == "classification":
         bar = Progress(len(task.examples), task.name, unit="examples", enabled=progress)
         result = run_classification(model, task, bar=bar)
+    elif task.kind in ("retrieval", "document_qa"):
+        bar = Progress(len(task.examples), task.name, unit="questions", enabled=progress)
+        result = (run_retrieval if task.kind == "retrieval" else run_document_qa)(model, task, bar=bar)
     else:
         if not hasattr(model, "tokenizer"):
             raise Unsupported(f"a {task.kind} task needs a language model; {type(model).__name__} is not one")
@@ -283,10 +324,10 @@ def run_task(model: Any, task: Task, *, seed: int = 1234, batch_size: int = 8, i
         if task.kind == "multiple_choice":
             total = sum(len(task.choices(e)) for e in task.examples)
             bar = Progress(total, task.name, unit="requests", enabled=progress)
-            result = run_multiple_choice(model, task, contexts, batch_size=batch_size, bar=bar)
+            result = run_multiple_choice(model, task, contexts, batch_size=batch_size, bar=bar, bos_prefix=bos_prefix)
         elif task.kind == "loglikelihood":
             bar = Progress(len(contexts), task.name, unit="requests", enabled=progress)
-            result = run_loglikelihood(model, task, contexts, batch_size=batch_size, bar=bar)
+            result = run_loglikelihood(model, task, contexts, batch_size=batch_size, bar=bar, bos_prefix=bos_prefix)
         elif task.kind == "generation":
             bar = Progress(len(contexts), task.name, unit="examples", enabled=progress)
             result = run_generation(model, task, contexts, bar=bar)

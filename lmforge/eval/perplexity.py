@@ -16,11 +16,11 @@ def perplexity(
     model: Path,
     data: Path,
     *,
-    field: str = "text",
+    text_field: str = "text",
     block_size: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
-    precision: Literal["bf16-mixed", "32"] = "32",
+    dtype: Literal["float32", "bfloat16"] = "float32",
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, float | int]:
@@ -30,12 +30,13 @@ def perplexity(
         model: Checkpoint directory.
         data: A text, JSONL, CSV/TSV or Parquet file (optionally .gz/.zst), a folder of them, or a packed
             dataset (its val split).
-        field: The JSONL field / CSV or Parquet column holding the text.
+        text_field: The JSONL field / CSV or Parquet column holding the text.
         block_size: Tokens per window (default: the model's context).
         stride: Tokens the window advances; every token gets at least block_size − stride tokens of
             context (default: half the block).
         batch_size: Windows scored together.
-        precision: "32" (default, for numbers comparable across machines) or "bf16-mixed".
+        dtype: "float32" (default, for numbers comparable across machines) or "bfloat16" (autocast; the old
+            spellings `--precision 32` / `bf16-mixed` still work).
         device: "cpu", "cuda", ...; default CUDA when present.
         progress: Show the progress line.
 
@@ -43,8 +44,9 @@ def perplexity(
         perplexity, nll (nats per token), bits_per_byte, tokens and bytes scored, block_size, stride.
     """
     lm = model if isinstance(model, LM) else load(model, device=device)
-    result = lm.perplexity(data, field=field, block_size=block_size, stride=stride, batch_size=batch_size,
-                           precision=precision, progress=progress)
+    lm.require_decoder("eval perplexity")
+    result = lm.perplexity(data, field=text_field, block_size=block_size, stride=stride, batch_size=batch_size,
+                           precision="bf16-mixed" if dtype == "bfloat16" else "32", progress=progress)
     if progress:
         print(f"perplexity {result['perplexity']:.3f} | bits/byte {result['bits_per_byte']:.4f} | "
               f"{result['tokens']:,} tokens", file=sys.stderr)

@@ -233,10 +233,11 @@ class RemoteLM:
         return ids, min(max_new_tokens, self.context - len(ids))
 
     def loglikelihoods(self, task: Task, requests: list[tuple[Example, str, str]], *,
-                       progress: Progress | None = None) -> list[Score]:
-        """Σ log p(continuation | context) for each (example, context, continuation) through echo + logprobs."""
+                       progress: Progress | None = None, bos_prefix: str = "eos") -> list[Score]:
+        """Σ log p(continuation | context) for each (example, context, continuation) through echo + logprobs;
+        `bos_prefix` applies where prompts go as token ids (a --tokenizer given), else the endpoint decides."""
         if self.tokenizer is not None:
-            pairs = [check_pair(self, task, e, encode_pair(self, c, cont)) for e, c, cont in requests]
+            pairs = [check_pair(self, task, e, encode_pair(self, c, cont, bos_prefix)) for e, c, cont in requests]
             return self._map(self._score_ids, pairs, progress)
         return self._map(self._score_text, requests, progress)
 

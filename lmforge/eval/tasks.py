@@ -2,6 +2,7 @@
 
 ```yaml
 kind: multiple_choice          # multiple_choice | loglikelihood | generation | classification | code
+                               # | retrieval | document_qa (documents, lmforge/eval/qa.py)
 data: capitals.jsonl           # relative to this file
 prompt: "Question: What is the capital of {{country}}?\\nAnswer:"   # Jinja, over each example's fields
 choices: options               # multiple_choice: a field holding the list of answers (or a literal list)
@@ -29,19 +30,23 @@ import yaml
 
 from lmforge.errors import ConfigError, DataError
 
-KINDS = ("multiple_choice", "loglikelihood", "generation", "classification", "code")
+KINDS = ("multiple_choice", "loglikelihood", "generation", "classification", "code", "retrieval", "document_qa")
 METRICS: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("acc", "acc_norm"),
     "loglikelihood": ("loglikelihood", "perplexity", "bits_per_byte", "acc"),
     "generation": ("exact_match", "f1", "bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL"),
     "classification": ("accuracy", "precision", "recall", "f1", "f1_weighted", "f1_micro"),
     "code": ("pass@k",),  # pass@1, pass@10, ...: k at most `samples`
+    "retrieval": ("recall@k", "mrr"),  # recall@1, recall@5, ... (lmforge.eval.qa)
+    "document_qa": ("exact_match", "f1", "source_accuracy"),
 }
 DEFAULT_METRICS = {"multiple_choice": ["acc", "acc_norm"], "loglikelihood": ["loglikelihood", "perplexity", "acc"],
-                   "generation": ["exact_match", "f1"], "classification": ["accuracy", "f1"], "code": ["pass@1"]}
+                   "generation": ["exact_match", "f1"], "classification": ["accuracy", "f1"], "code": ["pass@1"],
+                   "retrieval": ["recall@1", "recall@5", "mrr"], "document_qa": ["exact_match", "f1"]}
 # Model code usually goes on past the function asked for; HumanEval (Chen et al. 2021) cuts it here.
 CODE_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 _PASS_AT = re.compile(r"^pass@([1-9][0-9]*)$")
+_RECALL_AT = re.compile(r"^recall@([1-9][0-9]*)$")
 
 COMMON = {"name", "kind", "data", "prompt", "description", "fewshot", "fewshot_data", "fewshot_delimiter",
           "target_delimiter", "metrics"}
@@ -51,9 +56,16 @@ KIND_KEYS = {
     "generation": {"references", "max_new_tokens", "stop"},
     "classification": {"label"},
     "code": {"tests", "samples", "temperature", "max_new_tokens", "stop", "timeout", "memory_mb"},
+    "retrieval": {"documents", "sources", "mode"},
+    "document_qa": {"documents", "references", "sources", "mode", "encoder", "k", "max_new_tokens"},
 }
 REQUIRED = {"multiple_choice": ("choices", "answer"), "loglikelihood": ("continuation",),
-            "generation": ("references",), "classification": ("label",), "code": ("tests",)}
+            "generation": ("references",), "classification": ("label",), "code": ("tests",),
+            "retrieval": ("documents", "sources"), "document_qa": ("documents", "references")}
+
+
+class Unsupported(Exception):
+    """This model cannot run this kind of task (e.g. classification without a head): the task is skipped."""
 
 
 @dataclass
@@ -235,6 +247,8 @@ def read_jsonl(path: Path) -> list[Example]:
 def check_metrics(kind: str, metrics: list[str], where: str, samples: int = 1) -> None:
     for name in metrics:
         match = _PASS_AT.match(name) if kind == "code" else None
+        if kind == "retrieval" and _RECALL_AT.match(name):
+            continue
         if match:
             if int(match.group(1)) > samples:
                 raise ConfigError(f"{where}: {name} needs at least {match.group(1)} samples per problem "
@@ -264,12 +278,14 @@ def load_task(path: str | Path) -> Task:
         if key not in spec:
             raise ConfigError(f"{path}:1: a {kind} task needs {key!r}")
     for key in ("data", "prompt", "description", "fewshot_data", "fewshot_delimiter", "target_delimiter",
-                "continuation", "references", "label", "tests", "answer"):
+                "continuation", "references", "label", "tests", "answer", "documents", "sources", "encoder"):
         if key in spec and not isinstance(spec[key], str):
             raise ConfigError(f"{at(key)}: {key} must be a string, got {spec[key]!r}")
     if kind == "multiple_choice" and not isinstance(spec["choices"], (str, list)):
         raise ConfigError(f"{at('choices')}: choices is a field name or a list of strings")
-    ints = {"fewshot": 0, "max_new_tokens": 1, "samples": 1, "memory_mb": 16}
+    ints = {"fewshot": 0, "max_new_tokens": 1, "samples": 1, "memory_mb": 16, "k": 1}
+    if spec.get("mode", "bm25") not in ("bm25", "dense", "hybrid"):
+        raise ConfigError(f"{at('mode')}: mode must be bm25, dense or hybrid, got {spec['mode']!r}")
     for key, low in ints.items():
         if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < low):
             raise ConfigError(f"{at(key)}: {key} must be an integer >= {low}, got {spec[key]!r}")
@@ -287,7 +303,7 @@ def load_task(path: str | Path) -> Task:
         raise ConfigError(f"{at('metrics')}: metrics must be a non-empty list of names")
     check_metrics(kind, metrics, at("metrics"), spec.get("samples", 1))
     fewshot = spec.get("fewshot", 0)
-    if fewshot and kind in ("classification", "code"):
+    if fewshot and kind in ("classification", "code", "retrieval", "document_qa"):
         raise ConfigError(f"{at('fewshot')}: few-shot examples are not supported for {kind} tasks")
     options = {k: spec[k] for k in KIND_KEYS[kind] if k in spec}
     task = Task(path=path, name=str(spec.get("name", path.stem)), kind=kind, data=path.parent / spec["data"],
@@ -308,7 +324,7 @@ def load_task(path: str | Path) -> Task:
             task.answer_index(example)
         elif kind == "loglikelihood" and not task.render(task.options["continuation"], example, "continuation"):
             raise DataError(f"{example.source}:{example.line}: the continuation is empty; there is nothing to score")
-        elif kind == "generation":
+        elif kind in ("generation", "document_qa"):
             task.references(example)
         elif kind == "classification":
             task.label(example)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.lm import LM
+from lmforge.options import Dtype, torch_dtype
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /quit"
 
@@ -73,6 +74,7 @@ def chat(
     seed: int | None = None,
     max_model_len: int | None = None,
     device: str | None = None,
+    dtype: Dtype | None = None,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated.
 
@@ -89,9 +91,11 @@ def chat(
         max_model_len: Most tokens (conversation + reply) the KV cache holds; by default the model's context,
             or less where it would not fit a quarter of the free memory. The cache grows with the conversation.
         device: "cpu", "cuda", ...; default CUDA when present.
+        dtype: Cast the weights: "bfloat16" halves their memory; default the checkpoint's own.
     """
     from lmforge.lm import load
 
-    lm = load(model, device=device)
+    lm = load(model, device=device, dtype=torch_dtype(dtype))
+    lm.require_decoder("chat")
     lm.max_model_len = max_model_len
     chat_loop(lm, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -81,14 +81,15 @@ def generate_tokens(model: nn.Module, prompt_ids: list[int] | Tensor, params: Sa
         yield from out.token_ids
 
 
-def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, params: SamplingParams,
+def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams,
            engine: Engine | None = None) -> Iterator[str]:
     """Yield the generated text in pieces as tokens arrive, ending before any stop string.
 
     Pieces never split a multi-byte character and never show any of a stop string (see `TextStream`).
     `engine` reuses a caller's engine (and its KV cache) instead of building one for this prompt.
     """
-    for out in _outputs(model, tokenizer, tokenizer.encode(prompt), params, engine=engine):
+    ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt)  # ids: a prompt with sentinels (FIM)
+    for out in _outputs(model, tokenizer, ids, params, engine=engine):
         if out.text:
             yield out.text
 

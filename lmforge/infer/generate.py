@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.errors import ConfigError
-from lmforge.lm import load
+from lmforge.lm import LM, load
+from lmforge.options import Dtype, torch_dtype
 
 
 def generate(
@@ -31,6 +32,7 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     device: str | None = None,
+    dtype: Dtype | None = None,
 ) -> str:
     """Complete a prompt, or answer one chat message, with a trained or imported model.
 
@@ -41,7 +43,9 @@ def generate(
         prompt: Text to continue.
         chat: Instead of a prompt, a user message answered through the tokenizer's chat template.
         system: A system message before `chat`.
-        max_new_tokens: Most tokens to generate.
+        max_new_tokens: Most tokens to generate. As the server rules: prompt + max_new_tokens must fit the
+            model's context, else an error says how many fit; unset, the checkpoint's generation_config.json
+            (else 64), cut to what fits.
         temperature: 0 is greedy; higher is more random.
         top_k: Sample among the k most likely tokens only.
         top_p: Nucleus sampling: the smallest set of tokens with this much probability.
@@ -54,19 +58,43 @@ def generate(
         stop: Strings that end the completion (not included in it).
         seed: Seed for reproducible sampling.
         device: "cpu", "cuda", ...; default CUDA when present.
+        dtype: Cast the weights: "bfloat16" halves their memory; default the checkpoint's own.
 
     Returns:
         The completion, without the prompt.
     """
     if (prompt is None) == (chat is None):
         raise ConfigError("give exactly one of --prompt (text to continue) and --chat (a message to answer)")
-    lm = load(model, device=device)
+    lm = load(model, device=device, dtype=torch_dtype(dtype))
+    lm.require_decoder("generate text")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat or ""}]
+    max_new_tokens = fit_budget(lm, prompt if chat is None else messages, max_new_tokens)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, num_beams=num_beams, length_penalty=length_penalty,
                     stop=stop, seed=seed)
     if chat is not None:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat}]
         return lm.chat(messages, **sampling)
     return lm.generate(prompt, **sampling)
 
+
+
+def fit_budget(lm: LM, prompt: str | list[dict[str, str]], max_new_tokens: int | None) -> int | None:
+    """The server's rule (`lmforge.infer.service.Service.budget`) for one prompt from the command line: a
+    prompt + max_new_tokens beyond the context is refused with both counts, rather than the prompt's start
+    silently cut; unset, the checkpoint's own setting, cut to what fits."""
+    if lm.is_seq2seq:  # a source → target model: its output has a context of its own
+        return max_new_tokens
+    from lmforge.infer.text import chat_prompt
+
+    text = prompt if isinstance(prompt, str) else chat_prompt(lm.tokenizer, prompt)[0]
+    length, context = len(lm.tokenizer.encode(text)), lm.config.max_position_embeddings
+    if length >= context:
+        raise ConfigError(f"this model's maximum context length is {context} tokens; the prompt has {length}: "
+                          "shorten it")
+    if max_new_tokens is None:  # the checkpoint's setting (else SamplingParams' 64), cut to what fits
+        return min(lm.sampling().max_new_tokens, context - length)
+    if length + max_new_tokens > context:
+        raise ConfigError(f"this model's maximum context length is {context} tokens; the prompt has {length} and "
+                          f"--max-new-tokens asks for {max_new_tokens} more: ask for at most {context - length}")
+    return max_new_tokens

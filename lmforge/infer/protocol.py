@@ -68,7 +68,7 @@ class CompletionRequest(SamplingFields):
         list[list[int]], Field(min_length=1)]
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    suffix: None = None
+    suffix: str | None = None  # fill in the middle between prompt and suffix (the model's FIM tokens)
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
 
 
@@ -98,6 +98,16 @@ class ChatRequest(SamplingFields):
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as the chat template reads them ("developer" is OpenAI's newer name for "system")."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

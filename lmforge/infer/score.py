@@ -8,12 +8,13 @@ bytes) does not, so it compares models with different vocabularies (as in the Pi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from lmforge.data.readers import iter_texts
 from lmforge.errors import ConfigError, DataError
@@ -69,6 +70,36 @@ def sliding_nll(model: nn.Module, ids: list[int], score: list[bool], block_size:
     Windows of `block_size` inputs advance by `stride`; a window scores only targets the previous one
     did not, as in Hugging Face's perplexity guide.
     """
+    total, count = 0.0, 0
+    for _, logits, y in _windows(model, ids, score, block_size, stride, batch_size=batch_size, device=device,
+                                 precision=precision, progress=progress):
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((y != -100).sum())
+    return total, count
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, ids: list[int], *, block_size: int | None = None, stride: int | None = None,
+                   batch_size: int = 8, device: torch.device | str = "cpu", precision: str = "32") -> list[float]:
+    """log p(ids[i] | ids[:i]) for every i ≥ 1, through the same sliding windows as perplexity, so a text
+    longer than the context is scored whole (each token with ≥ block_size − stride tokens before it)."""
+    context = model.config.max_position_embeddings
+    block_size = min(block_size or context, context)
+    stride = stride or max(1, block_size // 2)
+    out = [0.0] * max(0, len(ids) - 1)
+    for windows, logits, y in _windows(model, ids, [True] * len(ids), block_size, stride, batch_size=batch_size,
+                                       device=device, precision=precision, progress=False):
+        logp = -F.cross_entropy(logits.float().transpose(1, 2), y.clamp(min=0), reduction="none")
+        for row, (begin, end, _) in enumerate(windows):
+            for t in (y[row, :end - begin] != -100).nonzero().flatten().tolist():
+                out[begin + t] = logp[row, t].item()
+    return out
+
+
+def _windows(model: nn.Module, ids: list[int], score: list[bool], block_size: int, stride: int, *, batch_size: int,
+             device: torch.device | str, precision: str, progress: bool
+             ) -> Iterator[tuple[list[tuple[int, int, int]], Tensor, Tensor]]:
+    """Batches of (windows as (begin, end, first target scored), logits, targets with -100 where not scored)."""
     n = len(ids)
     windows: list[tuple[int, int, int]] = []  # (begin, end, first target index scored)
     begin, scored_to = 0, 0
@@ -79,7 +110,6 @@ def sliding_nll(model: nn.Module, ids: list[int], score: list[bool], block_size:
         begin += stride
     tokens = torch.tensor(ids, dtype=torch.long)
     mask = torch.tensor(score, dtype=torch.bool)
-    total, count = 0.0, 0
     bar = Progress(len(windows), "perplexity", unit="windows", enabled=progress)
     model.eval()
     for i in range(0, len(windows), batch_size):
@@ -95,12 +125,9 @@ def sliding_nll(model: nn.Module, ids: list[int], score: list[bool], block_size:
             y[row, :end - begin] = torch.where(keep, targets, -100)
         with autocast(precision, torch.device(device)):
             logits = model(x.to(device))
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((y != -100).sum())
+        yield chunk, logits, y.to(device)
         bar.update(min(i + batch_size, len(windows)))
     bar.close()
-    return total, count
 
 
 def perplexity_of(model: nn.Module, tokenizer: Tokenizer, data: Path, *, field: str = "text",

@@ -22,9 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.data.index import DocumentIndex, cited_sources, quote_chunks
 from lmforge.infer.cache import GiB
+from lmforge.infer.documents import AnswerRequest, open_index
 from lmforge.infer.engine import Output, Request
-from lmforge.infer.protocol import ChatRequest, CompletionRequest, error_body
+from lmforge.infer.limits import MAX_REQUEST_BYTES, BodyLimit, bad_json_message, client_key
+from lmforge.infer.protocol import ChatRequest, CompletionRequest, TokenizeRequest, error_body
 from lmforge.infer.service import APIError, Service, new_id, sse
 from lmforge.lm import LM
 
@@ -34,9 +37,15 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 256, max_model_len: int | None = None, shutdown_grace: float = 10.0) -> FastAPI:
-    """The app serving `lm` as model `name`; its lifespan starts and (gracefully) stops the engine thread."""
-    svc = Service(lm, name, max_batch, max_queue, max_model_len)
+               max_queue: int = 256, max_model_len: int | None = None, shutdown_grace: float = 10.0,
+               max_request_bytes: int = MAX_REQUEST_BYTES, max_concurrent_per_key: int | None = None,
+               request_timeout: float | None = None, documents: DocumentIndex | None = None) -> FastAPI:
+    """The app serving `lm` as model `name`; its lifespan starts and (gracefully) stops the engine thread.
+    With `documents` (an opened index) it also answers questions from them on POST /v1/answer."""
+    if lm.is_seq2seq:
+        return seq2seq_app(lm, name=name, api_key=api_key, max_request_bytes=max_request_bytes)
+    svc = Service(lm, name, max_batch, max_queue, max_model_len, max_concurrent_per_key=max_concurrent_per_key,
+                  request_timeout=request_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,6 +55,7 @@ def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.service = svc
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     async def authorize(request: HTTPRequest) -> None:
         if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
@@ -59,6 +69,8 @@ def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # say what is wrong and where, not "JSON decode error"
+            return JSONResponse(error_body(bad_json_message(first)), status_code=400)
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return JSONResponse(error_body(f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None),
                             status_code=400)
@@ -92,19 +104,31 @@ def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max
         return {"object": "list", "data": [{"id": name, "object": "model", "created": svc.created,
                                             "owned_by": "lmforge", "max_model_len": svc.context}]}
 
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's route: how many tokens a prompt (or a conversation, as the chat route renders it) takes, so
+        a client (the chat page) can ask for a max_tokens that fits the context."""
+        if body.messages is not None:
+            chat = ChatRequest(model=body.model or name, messages=body.messages)
+            ids, _ = await svc.offload(svc.chat_ids, chat)
+        else:
+            ids = await svc.offload(svc.encode, body.prompt or "", "prompt")
+        return {"count": len(ids), "max_model_len": svc.context, "tokens": ids}
+
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:
         svc.check_model(body)
-        prompts = svc.prompts(body)
+        prompts = await svc.offload(svc.prompts, body)
         score = body.logprobs if body.echo and body.logprobs is not None else None
         requests, origin = [], {}
         for ids in prompts:
             max_new = svc.budget(body, len(ids), default=16)
             for j in range(body.n):
-                r = Request(ids, body.sampling(max_new, j, logprobs=body.logprobs), prompt_logprobs=score)
+                r = Request(ids, body.sampling(max_new, j, logprobs=body.logprobs, stop=svc.fim_stops(body)),
+                            prompt_logprobs=score)
                 origin[r.id] = (len(requests), ids)
                 requests.append(r)
-        queue = svc.submit(requests)
+        queue = svc.submit(requests, client_key(http))
         rid, created = new_id("cmpl"), int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": name}
         if body.stream:
@@ -134,13 +158,13 @@ def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max
         return {**head, "choices": choices, "usage": svc.usage(prompt_tokens, completion_tokens)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, http: HTTPRequest) -> Any:
         svc.check_model(body)
-        ids, turn_end = svc.chat_ids(body)
+        ids, turn_end = await svc.offload(svc.chat_ids, body)
         max_new = svc.budget(body, len(ids), default=None)
         top = (body.top_logprobs or 0) if body.logprobs else None
         requests = [Request(ids, body.sampling(max_new, j, logprobs=top, stop=turn_end)) for j in range(body.n)]
-        queue = svc.submit(requests)
+        queue = svc.submit(requests, client_key(http))
         index = {r.id: j for j, r in enumerate(requests)}
         head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": name}
         if body.stream:
@@ -157,6 +181,21 @@ def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max
                             "logprobs": logprobs, "finish_reason": svc.finish_reason(outs[-1])})
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": svc.usage(len(ids) * body.n, completion_tokens)}
+
+    if documents is not None:
+        @app.post("/v1/answer", dependencies=[Depends(authorize)])
+        async def answer(body: AnswerRequest, http: HTTPRequest) -> dict[str, Any]:
+            """`lmforge answer` over HTTP: the retrieved chunks quoted in a chat prompt, the cited answer and
+            its sources ([n] file#chunk), generated by the same engine as every other route."""
+            hits = await svc.offload(documents.search, body.question, body.k, body.mode)
+            chat = ChatRequest(model=name, messages=quote_chunks(body.question, hits), max_tokens=body.max_tokens,
+                               temperature=body.temperature)
+            ids, turn_end = await svc.offload(svc.chat_ids, chat)
+            requests = [Request(ids, chat.sampling(svc.budget(chat, len(ids), default=None), 0, stop=turn_end))]
+            grouped = await svc.collect(requests, svc.submit(requests, client_key(http)))
+            text = "".join(o.text for o in grouped[requests[0].id])
+            return {"question": body.question, "answer": text.strip(), "sources": cited_sources(text, hits),
+                    "chunks": [h.to_dict() for h in hits], "model": name}
 
     return app
 
@@ -227,6 +266,10 @@ def serve(
     name: str | None = None,
     device: str | None = None,
     dtype: Literal["float32", "bfloat16"] | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    max_concurrent_per_key: int | None = None,
+    request_timeout: float | None = None,
+    index: Path | None = None,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/.
 
@@ -246,17 +289,92 @@ def serve(
         name: The model id clients send; the checkpoint directory's name by default.
         device: "cpu", "cuda", ...; default CUDA when present.
         dtype: Cast the weights: "bfloat16" halves their memory (and the bytes each decoded token reads).
+        max_request_bytes: Largest request body accepted; a larger one gets a 413 before it is read whole.
+        max_concurrent_per_key: Most requests in flight at once per API key (per client address without
+            keys); beyond it a 429 with Retry-After. Default: no limit but --max-queue.
+        request_timeout: Seconds a request may run (waiting included) before it is cancelled with a 504
+            (in-band for a stream). Default: no limit.
+        index: An index written by `lmforge index`: POST /v1/answer {"question": ...} then answers from those
+            documents with cited sources, as `lmforge answer` does.
     """
     import uvicorn
 
     from lmforge.lm import load
 
     lm = load(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    lm.require_decoder("serve completions")
     served = name or Path(model).resolve().name
+    documents = open_index(Path(index), device=device) if index is not None else None
     app = create_app(lm, name=served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     max_model_len=max_model_len)
-    engine = app.state.service.engine
-    print(f"max_model_len {engine.max_model_len} (model context {engine.context}): KV cache "
-          f"{engine.cache_bytes / GiB:.2f} GiB for {max_batch} rows", flush=True)
+                     max_model_len=max_model_len, max_request_bytes=max_request_bytes,
+                     max_concurrent_per_key=max_concurrent_per_key, request_timeout=request_timeout,
+                     documents=documents)
+    engine = getattr(app.state, "service", None) and app.state.service.engine
+    if engine is not None:
+        print(f"max_model_len {engine.max_model_len} (model context {engine.context}): KV cache "
+              f"{engine.cache_bytes / GiB:.2f} GiB for {max_batch} rows", flush=True)
     print(f"serving {model} as model {served!r} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+
+
+def seq2seq_app(lm: LM, *, name: str, api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+                ) -> FastAPI:
+    """An encoder-decoder (translation, summarization) served OpenAI-style: on /v1/completions the prompt is the
+    source and the completion its output, decoded by `LM.translate` one request at a time (beam search or greedy
+    from the checkpoint's generation_config unless the request sets temperature / num_beams); no streaming."""
+    app = FastAPI(title="lmforge")
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    created, one_at_a_time = int(time.time()), asyncio.Lock()
+
+    async def authorize(request: HTTPRequest) -> None:
+        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "lmforge",
+                                            "max_model_len": lm.config.max_positions}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest) -> Any:
+        if body.model != name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {name!r}", param="model",
+                           code="model_not_found")
+        if body.stream:
+            raise APIError(400, "an encoder-decoder replies whole; send stream=false", param="stream")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        sources = [p if isinstance(p, str) else lm.tokenizer.decode(p) for p in prompts]
+        given = body.model_fields_set  # unset fields keep the checkpoint's decoding defaults (OpenAI's would sample)
+        options = {k: getattr(body, k) for k in ("temperature", "top_p", "num_beams", "length_penalty", "seed")
+                   if k in given}
+        if body.max_tokens is not None:
+            options["max_new_tokens"] = body.max_tokens
+        beams = options.get("num_beams", lm.sampling().num_beams)
+        async with one_at_a_time:
+            if body.n > 1 and beams >= body.n:  # n choices = the n best beams
+                outputs = await asyncio.to_thread(lm.translate, sources, num_return_sequences=body.n, **options)
+            else:
+                seed = options.pop("seed", None)
+                runs = [await asyncio.to_thread(lm.translate, sources, seed=None if seed is None else seed + j,
+                                                **options) for j in range(body.n)]
+                outputs = [[run[i] for run in runs] for i in range(len(sources))] if body.n > 1 else runs[0]
+        texts = [[o] if isinstance(o, str) else o for o in outputs]
+        choices = [{"index": i * body.n + j, "text": text, "logprobs": None, "finish_reason": "stop"}
+                   for i, n_best in enumerate(texts) for j, text in enumerate(n_best)]
+        prompt_tokens = sum(len(ids) for ids in lm.tokenizer.encode_batch(sources, add_bos=False))
+        completion_tokens = sum(len(ids) for c in choices for ids in [lm.tokenizer.encode(c["text"], add_bos=False)])
+        return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                              "total_tokens": prompt_tokens + completion_tokens}}
+
+    return app

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from lmforge.errors import ConfigError
 from lmforge.infer.engine import Engine, Output, Request, TokenLogprob
@@ -24,6 +29,7 @@ from lmforge.infer.protocol import ChatRequest, CompletionRequest, SamplingField
 from lmforge.lm import LM
 
 log = logging.getLogger("lmforge.serve")
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -87,15 +93,33 @@ class EngineRunner:
 
 
 class Service:
-    """One served model: its engine thread, metrics, and the checks and formatting the routes share."""
+    """One served model: its engine thread, metrics, and the checks and formatting the routes share.
 
-    def __init__(self, lm: LM, name: str, max_batch: int, max_queue: int, max_model_len: int | None = None) -> None:
+    Tokenizing runs on a small thread pool, never on the event loop (a long prompt would stall every
+    stream), and a prompt that cannot fit the context is refused from its length in characters or from
+    a prefix, never tokenized whole (see `encode`).
+    """
+
+    def __init__(self, lm: LM, name: str, max_batch: int, max_queue: int, max_model_len: int | None = None, *,
+                 max_concurrent_per_key: int | None = None, request_timeout: float | None = None) -> None:
         self.lm, self.name, self.tokenizer = lm, name, lm.tokenizer
         self.engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_model_len=max_model_len)
         self.runner = EngineRunner(self.engine, max_queue)
         self.metrics = Metrics(self.engine)
         self.context = self.engine.max_model_len
         self.created = int(time.time())
+        self.max_concurrent_per_key, self.request_timeout = max_concurrent_per_key, request_timeout
+        self.in_flight: Counter[str] = Counter()
+        self._keys_lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmforge-tokenize")
+        # No token is longer than this many characters, so a text of more than (context + 1) times it
+        # certainly has more tokens than the context holds.
+        vocab = self.tokenizer.hf.get_vocab(with_added_tokens=True)
+        self.max_token_chars = max((len(t) for t in vocab), default=1) or 1
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the tokenizer pool, so the event loop keeps serving streams meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
     # ----- checks -----------------------------------------------------------------------------
 
@@ -120,9 +144,13 @@ class Service:
     def prompts(self, body: CompletionRequest) -> list[list[int]]:
         """The prompt field in any of its four OpenAI forms, as token id lists."""
         p = body.prompt
-        if isinstance(p, str):
-            batch = [self.tokenizer.encode(p)]
+        if body.suffix is not None:
+            batch = self.fim_prompts(body)
+        elif isinstance(p, str):
+            batch = [self.encode(p, "prompt")]
         elif p and all(isinstance(x, str) for x in p):
+            for text in p:
+                self.encode(text, "prompt", check_only=True)
             batch = self.tokenizer.encode_batch(p)
         elif p and all(isinstance(x, int) for x in p):
             batch = [list(p)]
@@ -130,11 +158,34 @@ class Service:
             batch = [list(x) for x in p]
         vocab = self.lm.config.vocab_size
         for ids in batch:
+            if len(ids) >= self.context:
+                raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
+                                    f"{len(ids)}", param="prompt", code="context_length_exceeded")
             if not ids:
                 raise APIError(400, "prompt is empty: the model needs at least one token", param="prompt")
             if any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return batch
+
+    def fim_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """OpenAI's `suffix`: each text prompt is the code before the gap, `suffix` the code after it, asked
+        through the tokenizer's own FIM sentinels (`lmforge.data.fim.prompt_ids`)."""
+        from lmforge.data.fim import prompt_ids
+
+        if self.tokenizer.fim is None:
+            raise APIError(400, "this model has no fill-in-the-middle tokens, so it cannot take a suffix",
+                           param="suffix")
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "suffix needs the prompt as text, not token ids", param="prompt")
+        for text in (*texts, body.suffix):
+            self.encode(text, "prompt", check_only=True)
+        return [prompt_ids(self.tokenizer, text, body.suffix) for text in texts]
+
+    def fim_stops(self, body: CompletionRequest) -> list[str]:
+        """The tokens that end a middle besides eos (the sentinels, and file separators), when FIM is asked."""
+        fim = self.tokenizer.fim
+        return [*fim.names, *fim.stop_names] if body.suffix is not None and fim is not None else []
 
     def chat_ids(self, body: ChatRequest) -> tuple[list[int], list[str]]:
         from lmforge.infer.text import chat_prompt
@@ -143,31 +194,97 @@ class Service:
             prompt, turn_end = chat_prompt(self.tokenizer, body.conversation())
         except ConfigError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self.tokenizer.encode(prompt), turn_end
+        return self.encode(prompt, "messages"), turn_end
+
+    def encode(self, text: str, param: str, *, check_only: bool = False) -> list[int]:
+        """Token ids of `text`, refusing one longer than the context without tokenizing all of it: beyond
+        (context + 1) × the longest token's characters it cannot fit, and a long text whose first 8 ×
+        context characters already overflow is refused from those (a 10 MB prompt costs milliseconds)."""
+        too_long = f"this model's maximum context length is {self.context} tokens (max_model_len={self.context})"
+        if len(text) > (self.context + 1) * self.max_token_chars:
+            raise APIError(400, f"{too_long}; the {param} has {len(text):,} characters, more than that many tokens "
+                                "can hold", param=param, code="context_length_exceeded")
+        head = 8 * self.context
+        if len(text) > head:  # ~4 characters a token in prose: the prefix settles almost every long text
+            ids = self.tokenizer.encode(text[:head])
+            if len(ids) > self.context:
+                raise APIError(400, f"{too_long}; the {param} is longer (its first {head:,} characters alone are "
+                                    f"{len(ids):,} tokens)", param=param, code="context_length_exceeded")
+        ids = [] if check_only else self.tokenizer.encode(text)
+        if len(text) > 1 << 20:
+            trim_memory()  # hand a long text's tokenizer buffers back to the OS, not to glibc's free lists
+        return ids
 
     # ----- running --------------------------------------------------------------------------
 
-    def submit(self, requests: list[Request]) -> asyncio.Queue[Output]:
-        """Queue engine requests; their outputs arrive, interleaved, on the returned queue."""
+    def submit(self, requests: list[Request], key: str | None = None) -> asyncio.Queue[Output]:
+        """Queue engine requests; their outputs arrive, interleaved, on the returned queue.
+
+        `key` (the API key, or the client's address) counts towards --max-concurrent-per-key until every
+        one of `requests` has finished, however it ends (done, cancelled, timed out, failed).
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
+        release = self._take_slot(key, len(requests))
+
+        def deliver(out: Output) -> None:
+            _post(loop, queue, out)
+            if out.finish_reason is not None:
+                release()
+
         for r in requests:
-            r.on_output = lambda out: _post(loop, queue, out)
+            r.on_output = deliver
         try:
             self.runner.submit(requests)
         except ConfigError as e:
+            release(len(requests))
             raise APIError(400, str(e)) from None
+        except APIError:
+            release(len(requests))
+            raise
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
         return queue
 
+    def _take_slot(self, key: str | None, parts: int) -> Callable[..., None]:
+        """Count one HTTP request of `key` in flight; the returned function, called once per finished engine
+        request (`parts` of them), frees the slot after the last."""
+        if key is None or self.max_concurrent_per_key is None:
+            return lambda n=1: None
+        with self._keys_lock:
+            if self.in_flight[key] >= self.max_concurrent_per_key:
+                raise APIError(429, f"too many requests in flight for this key ({self.max_concurrent_per_key}, "
+                                    "--max-concurrent-per-key); wait for one to finish", "rate_limit_error",
+                               code="concurrency_limit", retry_after=1)
+            self.in_flight[key] += 1
+        left = [parts]
+
+        def release(n: int = 1) -> None:
+            with self._keys_lock:
+                if left[0] <= 0:
+                    return
+                left[0] -= n
+                if left[0] <= 0:
+                    self.in_flight[key] -= 1
+                    if not self.in_flight[key]:
+                        del self.in_flight[key]
+
+        return release
+
     async def outputs(self, requests: list[Request], queue: asyncio.Queue[Output]) -> AsyncIterator[Output]:
-        """Outputs until every request has finished; cancels the rest if the consumer goes away."""
+        """Outputs until every request has finished; cancels the rest if the consumer goes away or the
+        request runs past --request-timeout."""
         start = time.perf_counter()
         last: dict[str, float] = {}
         left = {r.id for r in requests}
+        deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
         try:
             while left:
-                out = await queue.get()
+                try:
+                    out = await asyncio.wait_for(queue.get(), None if deadline is None
+                                                 else max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise APIError(504, f"the request ran longer than {self.request_timeout:g} s (--request-timeout) "
+                                        "and was cancelled", "timeout_error", code="request_timeout") from None
                 now, rid = time.perf_counter(), out.request.id
                 if out.token_ids:
                     self.metrics.tokens.inc(len(out.token_ids))
@@ -224,6 +341,22 @@ class Service:
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator returns memory itself
+        return None
+
+
+def trim_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and the server's RSS never falls)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Output], out: Output) -> None:

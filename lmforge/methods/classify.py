@@ -21,7 +21,7 @@ from lmforge.checkpoint import load_model, save_head
 from lmforge.data.labelled import read_labelled
 from lmforge.data.readers import read_rows
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_path
+from lmforge.io import atomic_path, check_output
 from lmforge.model.heads import (
     HeadConfig,
     Pooling,
@@ -32,6 +32,7 @@ from lmforge.model.heads import (
     pad_id,
     predict_texts,
 )
+from lmforge.options import Dtype, torch_dtype
 from lmforge.train.loaders import LabelledLoader
 from lmforge.train.shell import Context, Method, training_verb
 
@@ -193,8 +194,9 @@ def _class_weights(setting: str | list[float] | None, labels: list[str], train_l
 
 
 @torch.no_grad()
-def predict(model: Path, data: Path, out: Path = Path("predictions.jsonl"), *, batch_size: int = 32,
-            device: str | None = None) -> dict[str, Any]:
+def predict(model: Path, data: Path, out: Path = Path("predictions.jsonl"), *, text_field: str | None = None,
+            batch_size: int = 32, device: str | None = None, dtype: Dtype | None = None,
+            overwrite: bool = False) -> dict[str, Any]:
     """Run a `finetune classify|regress` model over texts; one JSON line per input row.
 
     Classification lines hold the predicted `label` and `probabilities` per class; regression lines the
@@ -203,21 +205,27 @@ def predict(model: Path, data: Path, out: Path = Path("predictions.jsonl"), *, b
 
     Args:
         model: A `finetune classify` or `finetune regress` run directory.
-        data: Texts in the training format (.csv or .jsonl with the same text column).
-        out: JSONL file to write.
+        data: Texts in the training format (.csv or .jsonl).
+        out: JSONL file to write; refused if it exists, unless `overwrite`.
+        text_field: The column holding the text; default the one the model was trained on.
         batch_size: Texts per forward pass.
         device: "cpu", "cuda", ...
+        dtype: Cast the weights ("float32" or "bfloat16"); default the checkpoint's own.
+        overwrite: Replace `out`.
 
     Returns:
         The number of rows written and, where targets are present, the scores.
     """
-    loaded = load_model(Path(model), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_output(out, overwrite)
+    loaded = load_model(Path(model), device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                        dtype=torch_dtype(dtype))
     if loaded.kind != "head":
         raise ConfigError(f"{model}: no head_config.json; not a `finetune classify|regress` run directory")
     net, head = loaded.model, loaded.model.config
     first = next(iter(read_rows(Path(data))), (0, {}))[1]
     has_target = head.target_field in first
-    rows = read_labelled(Path(data), head.text_field, head.target_field if has_target else None, head.task)
+    rows = read_labelled(Path(data), text_field or head.text_field, head.target_field if has_target else None,
+                         head.task)
     if has_target:
         _targets(head, rows, Path(data))  # every label must be one the head knows
     scores = predict_texts(net, loaded.tokenizer, [t for _, t, _ in rows], batch_size)

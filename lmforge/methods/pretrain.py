@@ -22,8 +22,10 @@ from lmforge.checkpoint import (
 )
 from lmforge.config import ModelConfig
 from lmforge.data.pack import PackedDataset
+from lmforge.data.pairs import is_pairs_dir
 from lmforge.errors import ConfigError, DataError
 from lmforge.methods.ngram import fit_ngram
+from lmforge.methods.seq2seq import seq2seq_method
 from lmforge.model.lstm import LSTMConfig
 from lmforge.model.ngram import ngram_order
 from lmforge.tokenizer import Tokenizer
@@ -67,16 +69,21 @@ def pretrain(
     init: Literal["normal", "xavier", "he"] | None = None,
     dropout: float | None = None,
     discount: float | None = None,
+    task: Literal["lm", "seq2seq"] = "lm",
+    tokenizer: Path | None = None,
+    label_smoothing: float | None = None,
 ) -> Method:
-    """Train a language model from scratch on a packed dataset.
+    """Train a language model from scratch on a packed dataset, or an encoder-decoder on (source, target) pairs.
 
     Run under `torchrun --nproc-per-node N` for data-parallel training (gloo on CPU, nccl on GPU);
     `batch_size` is then per process. Ctrl-C finishes the current step, saves, and exits. The baselines
     train the same way: `lstm-tiny` / `lstm-small` in this loop; `ngram-N` (N = 1..9) is counted in one pass
-    (interpolated modified Kneser-Ney), seconds on a CPU, and takes no training options.
+    (interpolated modified Kneser-Ney), seconds on a CPU, and takes no training options. `--task seq2seq`
+    trains an encoder-decoder (`seq2seq-tiny`, `seq2seq-small`, ...) on a pairs directory with teacher forcing
+    (`lmforge.methods.seq2seq`).
 
     Args:
-        data: Directory written by `lmforge data pack`.
+        data: Directory written by `lmforge data pack`; for --task seq2seq, one written by `lmforge data pairs`.
         model: A preset name (see `lmforge models`), `ngram-N`, or a checkpoint directory to continue from
             (default: llama-tiny).
         block_size: Tokens per training window (default: the model's context length).
@@ -85,10 +92,25 @@ def pretrain(
         discount: n-gram models only: one absolute discount for every count (interpolated Kneser-Ney as
             NLTK computes it); default: modified Kneser-Ney's three discounts per order, estimated from the
             counts (Chen & Goodman 1998).
+        task: "lm": a language model on packed text; "seq2seq": an encoder-decoder on pairs (default
+            model seq2seq-small).
+        tokenizer: --task seq2seq: the tokenizer directory (`lmforge tokenizer train --fields source,target`);
+            default: the --model checkpoint's.
+        label_smoothing: --task seq2seq: label smoothing ε of the training loss (default from the preset, 0.1).
 
     Returns:
         The checkpoint directory.
     """
+    if task == "seq2seq":
+        if init is not None or discount is not None:
+            raise ConfigError("--init and --discount apply to language models, not --task seq2seq")
+        return seq2seq_method(ctx, data, tokenizer, model, block_size=block_size, dropout=dropout,
+                              label_smoothing=label_smoothing)
+    if tokenizer is not None or label_smoothing is not None:
+        raise ConfigError("--tokenizer and --label-smoothing apply to --task seq2seq (packed data holds its tokenizer)")
+    if data is not None and is_pairs_dir(data):
+        raise ConfigError(f"{data} holds (source, target) pairs: train an encoder-decoder on them with --task seq2seq "
+                          "--tokenizer TOK, or pack text for a language model with `lmforge data pack`")
     if data is None:
         raise ConfigError("--data is required (a directory written by `lmforge data pack`)")
     if discount is not None:
@@ -131,8 +153,23 @@ def _model_config(model: str, data: Path, init: str | None, dropout: float | Non
         if config.vocab_size < meta["vocab_size"]:
             raise ConfigError(f"{model}: vocab_size={config.vocab_size} is smaller than the tokenizer of "
                               f"{data} ({meta['vocab_size']})")
+        _check_same_tokenizer(Path(model), data, meta)
         return config
     return resolve_model_config(model, vocab_size=meta["vocab_size"], **overrides)
+
+
+def _check_same_tokenizer(model: Path, data: Path, meta: dict[str, Any]) -> None:
+    """Refuse data packed with another tokenizer than the model's: its ids would mean other tokens, training
+    would succeed, and the checkpoint would pair the model's embeddings with the data's tokenizer."""
+    if not (model / "tokenizer.json").is_file() or not (data / "tokenizer" / "tokenizer.json").is_file():
+        return  # nothing to compare (a bare config); the vocabulary size check above still holds
+    theirs = Tokenizer.load(model)
+    ours = meta.get("tokenizer_hash") or Tokenizer.load(data / "tokenizer").fingerprint
+    if theirs.fingerprint != ours:
+        raise ConfigError(
+            f"{data} was packed with another tokenizer than {model}'s (tokenizer hash {ours}, vocabulary "
+            f"{meta['vocab_size']} tokens; {model}: hash {theirs.fingerprint}, {theirs.vocab_size} tokens); "
+            f"pack the corpus again with `lmforge data pack --tokenizer {model}`")
 
 
 def _val_loader(data: Path, block_size: int, batch_size: int, rank: int, world_size: int) -> WindowLoader | None:

@@ -7,6 +7,7 @@ what they save. Full fine-tuning updates every weight and saves a whole checkpoi
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,14 @@ def merge_lora(adapter: Path, out: Path = Path("runs/merged"), *, base: Path | N
     """
     out = Path(out)
     check_out_dir(out)
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter}: is not a `finetune lora` run (no adapter_config.json beside adapter weights)")
+    named = base if base is not None else json.loads((Path(adapter) / "adapter_config.json").read_text()).get(
+        "base_model")
+    if named is None or not Path(named).is_dir():
+        where = "--base" if base is not None else f"the base named in {Path(adapter) / 'adapter_config.json'}"
+        raise ConfigError(f"{where} ({named}) is not a checkpoint directory; pass --base DIR, the model the "
+                          "adapters were trained on")
     loaded = load_model(Path(adapter), base=base)
     if loaded.kind != "lora":
         raise ConfigError(f"{adapter}: is not a `finetune lora` run (no adapter_config.json beside adapter weights)")
@@ -197,5 +206,6 @@ def merge_lora(adapter: Path, out: Path = Path("runs/merged"), *, base: Path | N
     dequantize_linears(loaded.model)
     save_checkpoint(out, loaded.model, loaded.config, tokenizer_dir=loaded.base,
                     generation_config=loaded.generation_config)
-    print(f"merged {n} adapted layers into {loaded.base}; wrote {out}", file=sys.stderr)
+    print(f"merged the {n} adapted layers of {adapter} with base {loaded.base}; wrote {out} (the base and the "
+          "adapter run are unchanged)", file=sys.stderr)
     return out

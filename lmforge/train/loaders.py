@@ -8,7 +8,7 @@ ranks) turns `--max-tokens` into them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,36 @@ from lmforge.data.sft import Example
 from lmforge.errors import ConfigError, DataError
 from lmforge.model.heads import pad_batch
 from lmforge.train.losses import IGNORE_INDEX
+
+
+def next_positions(epoch: int, offset: int, epoch_items: Callable[[int], int], batch_size: int, rank: int,
+                   world_size: int) -> tuple[list[tuple[int, int]], int, int]:
+    """This rank's (epoch, item) positions in the next global micro-batch, and the (epoch, offset) after it.
+
+    The data is one stream, epoch after epoch, each epoch `epoch_items(epoch)` items long; a global micro-batch
+    is its next batch_size·world_size items and rank r takes the r-th batch_size of them. The position is
+    the stream's (epoch, offset), independent of how the batch splits over ranks: a run resumed on another
+    number of processes (and per-process batch) reads on exactly where the stopped one would have. A
+    fresh run's epochs hold whole global batches, so its batches never straddle two epochs.
+    """
+    mine = []
+    for k in range(batch_size * world_size):
+        if offset >= epoch_items(epoch):
+            epoch, offset = epoch + 1, 0
+        if rank * batch_size <= k < (rank + 1) * batch_size:
+            mine.append((epoch, offset))
+        offset += 1
+    if offset >= epoch_items(epoch):
+        epoch, offset = epoch + 1, 0
+    return mine, epoch, offset
+
+
+def resumed_position(state: dict[str, Any], batch_size: int, world_size: int) -> tuple[int, int]:
+    """(epoch, offset) of a loader state, also one saved before offsets (its index counted global batches)."""
+    if "offset" in state:
+        return int(state["epoch"]), int(state["offset"])
+    per_batch = int(state.get("batch_size", batch_size)) * int(state.get("world_size", world_size))
+    return int(state["epoch"]), int(state["index"]) * per_batch
 
 
 def real_tokens(x: Tensor | dict[str, Tensor], y: Tensor) -> Tensor:
@@ -36,7 +66,8 @@ class WindowLoader:
     Window k covers tokens [k·block_size, (k+1)·block_size]; x is its first block_size tokens and y
     the last block_size, so y[t] is the token after x[t]. Each epoch's order is a permutation drawn from
     (seed, epoch) alone; global batch i is its windows [i·B·W, (i+1)·B·W) and rank r takes the r-th
-    B-slice, so W ranks together see exactly the batches one process with batch B·W would see.
+    B-slice, so W ranks together see exactly the batches one process with batch B·W would see
+    (`next_positions`: the position survives a change of B and W on resume).
     """
 
     def __init__(
@@ -71,26 +102,29 @@ class WindowLoader:
             )
         self.batches_per_epoch = self.n_windows // global_batch
         self.tokens_per_epoch = self.batches_per_epoch * global_batch * block_size
+        self.epoch_windows = self.batches_per_epoch * global_batch  # the run's epoch; kept on resume
         self.epoch = 0
-        self.index = 0
+        self.offset = 0
         self._order_epoch = -1
         self._order = np.arange(self.n_windows)
 
-    def _epoch_order(self) -> np.ndarray:
-        if self.shuffle and self._order_epoch != self.epoch:
-            self._order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n_windows)
-            self._order_epoch = self.epoch
+    @property
+    def index(self) -> int:
+        return self.offset // (self.batch_size * self.world_size)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self.shuffle and self._order_epoch != epoch:
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(self.n_windows)
+            self._order_epoch = epoch
         return self._order
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 tensors of shape [batch_size, block_size]; y is x shifted left by one token."""
-        start = self.index * self.batch_size * self.world_size + self.rank * self.batch_size
-        windows = self._epoch_order()[start : start + self.batch_size]
+        positions, self.epoch, self.offset = next_positions(self.epoch, self.offset, lambda e: self.epoch_windows,
+                                                            self.batch_size, self.rank, self.world_size)
+        windows = [self._epoch_order(e)[i] for e, i in positions]
         rows = np.stack([self.dataset.window(int(w) * self.block_size, self.block_size + 1) for w in windows])
         tokens = torch.from_numpy(rows.astype(np.int64))
-        self.index += 1
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -101,6 +135,8 @@ class WindowLoader:
         return {
             "epoch": self.epoch,
             "index": self.index,
+            "offset": self.offset,
+            "epoch_windows": self.epoch_windows,
             "seed": self.seed,
             "block_size": self.block_size,
             "batch_size": self.batch_size,
@@ -108,20 +144,21 @@ class WindowLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the batch after the one last returned when `state` was taken."""
-        for key in ("block_size", "batch_size", "world_size"):
-            if state.get(key) != getattr(self, key):
-                raise DataError(
-                    f"cannot resume the data position: saved {key}={state.get(key)} but this run has "
-                    f"{key}={getattr(self, key)}; resume with the same setting"
-                )
-        index = int(state["index"])
-        if not 0 <= index < self.batches_per_epoch:
+        """Continue at the window after the last one read when `state` was taken, with any batch size and
+        number of ranks (the run's epoch length comes with the state)."""
+        if state.get("block_size") != self.block_size:
             raise DataError(
-                f"cannot resume the data position: batch {index} of an epoch of {self.batches_per_epoch}; "
-                "was the dataset repacked?"
+                f"cannot resume the data position: saved block_size={state.get('block_size')} but this run has "
+                f"block_size={self.block_size}; resume with the same setting"
             )
-        self.epoch, self.index, self.seed = int(state["epoch"]), index, int(state["seed"])
+        epoch, offset = resumed_position(state, self.batch_size, self.world_size)
+        epoch_windows = int(state.get("epoch_windows", self.epoch_windows))
+        if not 0 <= offset < epoch_windows <= self.n_windows:
+            raise DataError(
+                f"cannot resume the data position: window {offset} of an epoch of {epoch_windows} in a dataset of "
+                f"{self.n_windows} windows; was the dataset repacked?"
+            )
+        self.epoch, self.offset, self.epoch_windows, self.seed = epoch, offset, epoch_windows, int(state["seed"])
         self._order_epoch = -1
 
 
@@ -144,16 +181,18 @@ class SFTLoader:
                               f"block_size+1={block_size + 1}; load it with max_length=block_size+1")
         self.examples, self.block_size, self.batch_size, self.pad_id = examples, block_size, batch_size, pad_id
         self.seed, self.pack, self.shuffle, self.rank, self.world_size = seed, pack, shuffle, rank, world_size
-        self.epoch, self.index = 0, 0
-        self._cached: tuple[int, list[list[int]]] | None = None
+        self.epoch, self.offset = 0, 0
+        self.granule = batch_size * world_size  # epochs hold whole global batches of the run's first process count
+        self._cached: dict[int, list[list[int]]] = {}
         if self.batches_per_epoch < 1:
             raise DataError(f"{len(examples)} examples make {len(self._windows())} windows of {block_size} tokens, "
                             f"fewer than one batch of {batch_size * world_size}; use a smaller --batch-size")
 
-    def _windows(self) -> list[list[int]]:
-        if self._cached is not None and self._cached[0] == self.epoch:
-            return self._cached[1]
-        order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.examples)) if self.shuffle
+    def _windows(self, epoch: int | None = None) -> list[list[int]]:
+        epoch = self.epoch if epoch is None else epoch
+        if epoch in self._cached:
+            return self._cached[epoch]
+        order = (np.random.default_rng((self.seed, epoch)).permutation(len(self.examples)) if self.shuffle
                  else np.arange(len(self.examples)))
         windows: list[list[int]] = []
         used = self.block_size
@@ -165,8 +204,15 @@ class SFTLoader:
             else:
                 windows.append([i])
                 used = n
-        self._cached = (self.epoch, windows)
+        self._cached = {e: w for e, w in self._cached.items() if e == epoch - 1} | {epoch: windows}
         return windows
+
+    def _usable(self, epoch: int) -> int:
+        return len(self._windows(epoch)) // self.granule * self.granule
+
+    @property
+    def index(self) -> int:
+        return self.offset // (self.batch_size * self.world_size)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -195,25 +241,26 @@ class SFTLoader:
         return ids, targets, positions, segments
 
     def next_batch(self) -> tuple[dict[str, Tensor], Tensor]:
-        windows = self._windows()
-        start = self.index * self.batch_size * self.world_size + self.rank * self.batch_size
-        rows = [self.window(w) for w in windows[start:start + self.batch_size]]
-        self.index += 1
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
+        positions, self.epoch, self.offset = next_positions(self.epoch, self.offset, self._usable, self.batch_size,
+                                                            self.rank, self.world_size)
+        rows = [self.window(self._windows(e)[i]) for e, i in positions]
         ids, targets, positions, segments = (torch.stack(t) for t in zip(*rows))
         return {"input_ids": ids, "positions": positions, "segments": segments}, targets
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "block_size": self.block_size,
-                "batch_size": self.batch_size, "pack": self.pack, "world_size": self.world_size}
+        return {"epoch": self.epoch, "index": self.index, "offset": self.offset, "granule": self.granule,
+                "seed": self.seed, "block_size": self.block_size, "batch_size": self.batch_size, "pack": self.pack,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "block_size", "batch_size", "pack", "world_size"):
+        """Continue after the last window read, with any batch size and number of ranks."""
+        for key in ("seed", "block_size", "pack"):
             if state.get(key, getattr(self, key)) != getattr(self, key):
                 raise ConfigError(f"cannot resume: the run used {key}={state[key]}, this loader has "
                                   f"{getattr(self, key)}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch, self.offset = resumed_position(state, self.batch_size, self.world_size)
+        self.granule = int(state.get("granule", state.get("batch_size", self.batch_size)
+                                     * state.get("world_size", self.world_size)))
 
 
 class LabelledLoader:
@@ -232,20 +279,29 @@ class LabelledLoader:
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(ids) // (batch_size * world_size)
         self.tokens_per_epoch = sum(map(len, ids))
-        self.epoch = self.index = 0
+        self.epoch_items = self.batches_per_epoch * batch_size * world_size  # the run's epoch; kept on resume
+        self.epoch = self.offset = 0
+
+    @property
+    def index(self) -> int:
+        return self.offset // (self.batch_size * self.world_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return (np.random.default_rng((self.seed, epoch)).permutation(len(self.ids)) if self.shuffle
+                else np.arange(len(self.ids)))
 
     def next_batch(self) -> tuple[dict[str, Tensor], Tensor]:
-        order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.ids)) if self.shuffle
-                 else np.arange(len(self.ids)))
-        start = (self.index * self.world_size + self.rank) * self.batch_size
-        rows = order[start:start + self.batch_size]
-        self.index += 1
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
+        positions, self.epoch, self.offset = next_positions(self.epoch, self.offset, lambda e: self.epoch_items,
+                                                            self.batch_size, self.rank, self.world_size)
+        orders = {e: self._order(e) for e in {e for e, _ in positions}}
+        rows = np.array([orders[e][i] for e, i in positions])
         return pad_batch([self.ids[i] for i in rows], self.pad_id), self.targets[torch.from_numpy(rows)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "index": self.index, "offset": self.offset, "epoch_items": self.epoch_items,
+                "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        """Continue after the last text read, with any batch size and number of ranks."""
+        self.epoch, self.offset = resumed_position(state, self.batch_size, self.world_size)
+        self.epoch_items = int(state.get("epoch_items", self.epoch_items))

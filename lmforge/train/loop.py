@@ -22,13 +22,12 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.checkpoint import rng_state, save_checkpoint, set_rng_state
+from lmforge.checkpoint import SHARDED, rng_state, save_checkpoint, set_rng_state
 from lmforge.errors import ConfigError
 from lmforge.precision import autocast, default_precision, measure_peak_flops
 from lmforge.progress import Progress
-from lmforge.train.distributed import Dist, all_reduce_sum, from_rank0
+from lmforge.train.distributed import Dist, Strategy, all_reduce_sum, clip_grad_norm, from_rank0, no_sync, wrap
 from lmforge.train.loaders import real_tokens
 from lmforge.train.losses import lm_loss
 from lmforge.train.metrics import Logger, MetricsLog
@@ -55,7 +54,8 @@ class TrainConfig:
     Args:
         max_steps: Stop after this many optimizer steps.
         max_tokens: Stop after this many real training tokens (targets, unpadded texts), summed over processes.
-        max_minutes: Stop after this much wall time; a checkpoint is always written at the end.
+        max_minutes: Stop after this much training wall time, summed over resumes (as max_steps counts all steps);
+            a checkpoint is always written at the end.
         epochs: Stop after this many passes over the training data (fine-tuning: 3 when no limit is set).
         batch_size: Examples (token windows or texts) per micro-batch, per process under torchrun.
         grad_accum: Micro-batches accumulated into one optimizer step.
@@ -77,6 +77,14 @@ class TrainConfig:
         log_every: Steps between progress and metrics lines.
         logger: Step metrics go to metrics.jsonl; "tensorboard" (or "both") adds TensorBoard files in out/tensorboard/.
         seed: Seed for initialisation, data order and dropout.
+        strategy: Under torchrun: "ddp" replicates the model on every process, "fsdp" shards parameters,
+            gradients and optimizer state over them (FSDP2; checkpoints are then sharded, see `lmforge convert
+            sharded`).
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of storing
+            them: activation memory of one block, for about a third more compute.
+        cpu_offload: With fsdp on GPUs: keep the sharded parameters and optimizer state in CPU memory.
+        memory_limit: Memory per process, e.g. 24GB: a run whose planned peak (`lmforge plan`) exceeds it is
+            refused before its first step. On a GPU its memory is the default, with a warning instead.
     """
 
     max_steps: int | None = None
@@ -102,6 +110,10 @@ class TrainConfig:
     log_every: int = 10
     logger: Logger = "jsonl"
     seed: int = 0
+    strategy: Strategy = "ddp"
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    memory_limit: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "max_tokens", "batch_size", "grad_accum", "eval_every", "save_every",
@@ -119,6 +131,8 @@ class TrainConfig:
             self.precision = default_precision()
         if self.precision not in ("bf16-mixed", "32"):
             raise ConfigError(f"precision={self.precision!r} is not one of 'bf16-mixed', '32'")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"strategy={self.strategy!r} is not one of 'ddp', 'fsdp'")
 
     @property
     def limited(self) -> bool:
@@ -168,7 +182,8 @@ def train(model: nn.Module, loader: Batches, out: Path, cfg: TrainConfig, *, ctx
     """
     ctx = ctx or Dist()
     out = Path(out)
-    model.to(ctx.device)
+    ddp = wrap(model, ctx, cfg.strategy, precision=cfg.precision,  # before the optimizer: FSDP swaps parameters
+               activation_checkpointing=cfg.activation_checkpointing, cpu_offload=cfg.cpu_offload)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=(cfg.beta1, cfg.beta2))
     seq_len = getattr(loader, "block_size", None) or model.config.max_position_embeddings
@@ -179,29 +194,48 @@ def train(model: nn.Module, loader: Batches, out: Path, cfg: TrainConfig, *, ctx
     epoch_steps, token_steps = limit_steps(cfg, loader)  # before the loader's state moves it on
     step, tokens, elapsed_before = 0, 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if SHARDED in state:  # model and optimizer from the DCP directory, resharded to this world size
+            from lmforge.train import sharded  # torch.distributed.checkpoint: seconds to import, only when used
+
+            sharded.load(out / state[SHARDED], model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state.get("elapsed", 0.0)
     else:
         torch.manual_seed(cfg.seed + ctx.rank)
-    ddp = DistributedDataParallel(model) if ctx.enabled else model
     params = [p for p in model.parameters() if p.requires_grad]
     total_steps = min((s for s in (cfg.max_steps, epoch_steps, token_steps) if s is not None), default=None)
+    cfg = shorten_warmup(cfg, total_steps, announce=ctx.is_main) if state is None else cfg
     decay_steps = cfg.lr_decay_steps or total_steps
     bar = Progress(total_steps, "train", unit="steps", enabled=progress and ctx.is_main,
                    time_limit=60 * cfg.max_minutes if cfg.max_minutes else None)
     metrics = MetricsLog(out, cfg.logger, resume_step=step if state else None) if ctx.is_main else None
     saved_at = step if state is not None else None
 
+    def write(train_state: dict[str, Any]) -> None:
+        if save is not None:
+            save(train_state, step)
+        else:
+            save_checkpoint(out, model, model.config, train_state=train_state, step=step)
+
     def save_now() -> None:
         nonlocal saved_at
         saved_at = step
+        if cfg.strategy == "fsdp":  # every rank writes its shards; rank 0 then the run's other files
+            from lmforge.train import sharded
+            train_state = {"loader": loader.state_dict(), "rng": rng_state(), "tokens": tokens,
+                           "elapsed": elapsed_before + time.perf_counter() - start, "decay_steps": decay_steps,
+                           "train_config": dataclasses.asdict(cfg), "run": run_info or {},
+                           "world_size": ctx.world_size}
+            sharded.save(out, model, optimizer, step, ctx, lambda: write(train_state))
+            return
         if ctx.is_main:  # ranks hold identical weights and optimizer state after each DDP step
             train_state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
                            "tokens": tokens, "elapsed": elapsed_before + time.perf_counter() - start,
                            "decay_steps": decay_steps, "train_config": dataclasses.asdict(cfg),
-                           "run": run_info or {}}
+                           "run": run_info or {}, "world_size": ctx.world_size}
             if save is not None:
                 save(train_state, step)
             else:
@@ -233,7 +267,7 @@ def train(model: nn.Module, loader: Batches, out: Path, cfg: TrainConfig, *, ctx
     model.train()
     with _stop_on_sigint() as interrupted:
         while True:
-            seconds = time.perf_counter() - start
+            seconds = elapsed_before + time.perf_counter() - start  # the run's time, resumes included
             stop = "interrupted" if interrupted() else _stop_reason(cfg, step, tokens, seconds, epoch_steps)
             time_progress = seconds / (60 * cfg.max_minutes) if cfg.max_minutes and not decay_steps else -1.0
             must_stop, time_progress = from_rank0([float(stop is not None), time_progress], ctx)
@@ -251,8 +285,7 @@ def train(model: nn.Module, loader: Batches, out: Path, cfg: TrainConfig, *, ctx
                 x, y = loader.next_batch()
                 step_tokens += int(real_tokens(x, y))  # counted on the CPU, before the copy: no device sync
                 x, y = to_device(x, ctx.device), y.to(ctx.device, non_blocking=True)
-                sync = contextlib.nullcontext() if not ctx.enabled or micro == cfg.grad_accum - 1 else ddp.no_sync()
-                with sync:
+                with no_sync(ddp, ctx, cfg.strategy, sync=micro == cfg.grad_accum - 1):
                     with autocast(cfg.precision, ctx.device):
                         loss_sum, count = loss_fn(ddp, x, y)
                     loss_sum.backward()
@@ -260,12 +293,12 @@ def train(model: nn.Module, loader: Batches, out: Path, cfg: TrainConfig, *, ctx
             totals[2] = step_tokens
             totals = all_reduce_sum(totals, ctx)
             # The step's gradient is the mean over all of its targets, however they fall into micro-batches
-            # and ranks: each micro-batch added the gradient of its summed loss, DDP averaged over ranks.
+            # and ranks: each micro-batch added the gradient of its summed loss, DDP / FSDP averaged over ranks.
             scale = (ctx.world_size / totals[1].clamp(min=1)).float()
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+            grad_norm = clip_grad_norm(params, cfg.grad_clip) if cfg.grad_clip else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -289,6 +322,20 @@ def train(model: nn.Module, loader: Batches, out: Path, cfg: TrainConfig, *, ctx
     if stopped_by == "interrupted" and ctx.is_main:
         print(f"interrupted: checkpoint of step {step} saved in {out}; continue with --resume {out}", flush=True)
     return TrainResult(out, step, tokens, train_loss, val_loss, stopped_by)
+
+
+def shorten_warmup(cfg: TrainConfig, total_steps: int | None, *, announce: bool = True) -> TrainConfig:
+    """A warmup as long as the run (the default 100 steps of a 20-step trial) would end before the rate ever
+    reached --lr: it becomes a tenth of the run, and the log says so. The shortened value is what the run saves,
+    so a resumed run keeps it."""
+    if not total_steps or cfg.warmup_steps < total_steps:
+        return cfg
+    shorter = total_steps // 10
+    if announce:
+        print(f"warmup_steps {cfg.warmup_steps} is not shorter than this run's {total_steps} steps (the learning "
+              f"rate would never reach --lr {cfg.lr:g}); warming up over {shorter} steps, a tenth of the run",
+              file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, warmup_steps=shorter)
 
 
 @contextlib.contextmanager

@@ -20,15 +20,30 @@ from lmforge.model.gpt import causal_mask
 IGNORE_INDEX = -100
 
 
-def token_loss(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over the targets that are not IGNORE_INDEX, and their count."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+def token_loss(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the targets that are not IGNORE_INDEX, and their count.
+
+    With `label_smoothing` ε the target distribution is (1 − ε)·one-hot + ε/V (Szegedy et al. 2016; the
+    Transformer trains with ε = 0.1, Vaswani et al. 2017): the model is not pushed to infinite logits.
+    """
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=label_smoothing)
     return loss, (y != IGNORE_INDEX).sum()
 
 
 def lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Next-token cross-entropy on contiguous windows (every position is a target)."""
     return token_loss(model(x), y)
+
+
+def seq2seq_loss(model: nn.Module, x: dict[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+    """Teacher-forced cross-entropy of an encoder-decoder over the real target tokens (padding is IGNORE_INDEX).
+
+    Label smoothing (the model config's `label_smoothing`) applies while training only: the validation loss
+    stays the plain cross-entropy, comparable across runs and with the log-perplexity.
+    """
+    smoothing = getattr(getattr(model, "module", model).config, "label_smoothing", 0.0) if model.training else 0.0
+    return token_loss(model(x["src"], x["src_mask"], x["tgt_in"]), y, smoothing)
 
 
 def block_diagonal_mask(segments: Tensor, window: int | None = None) -> Tensor:

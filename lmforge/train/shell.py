@@ -27,14 +27,17 @@ import docstring_parser
 import torch
 from torch import nn
 
-from lmforge.checkpoint import check_out_dir, load_train_state
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.checkpoint import SHARDED, check_out_dir, load_train_state
+from lmforge.errors import CheckpointError, ConfigError, Interrupted
 from lmforge.io import remove_stale_temps
-from lmforge.train.distributed import Dist, init_distributed, shutdown
+from lmforge.options import given as command_line
+from lmforge.train.distributed import Dist, adapt_batch, init_distributed, shutdown
 from lmforge.train.loop import Batches, LossFn, TrainConfig, train
+from lmforge.train.plan import check_run
 
 # What a resumed run may be given anew: where it stops, and how this process runs and reports it.
-ANEW = ("max_steps", "max_tokens", "max_minutes", "epochs", "logger", "resume", "device", "progress")
+ANEW = ("max_steps", "max_tokens", "max_minutes", "epochs", "logger", "resume", "device", "progress",
+        "activation_checkpointing", "cpu_offload", "memory_limit")
 LIMITS = ANEW[:4]
 
 
@@ -110,10 +113,13 @@ def training_verb(verb: str, *, default_epochs: float | None = 3, **defaults: An
 
         def verb_function(*args: Any, **kwargs: Any) -> Path:
             bound = signature.bind(*args, **kwargs)
+            written = command_line()  # an option given its default value (`--resume runs/a --lr 3e-4`) counts
+            explicit = set(bound.arguments) if written is None else written  # Python: the keywords passed
             bound.apply_defaults()
             values = bound.arguments
-            # A value other than the default was given (the CLI passes every option, so a default is "not given").
-            given = {k: v for k, v in values.items() if not _same(v, signature.parameters[k].default, k in paths)}
+            # Given: named explicitly, or a value other than the default (from a --config file, say).
+            given = {k: v for k, v in values.items()
+                     if k in explicit or not _same(v, signature.parameters[k].default, k in paths)}
             options = {p.name: values[p.name] for p in own}
             settings = {p.name: values[p.name] for p in shared}
             state = None
@@ -197,7 +203,25 @@ def _resumed(verb: str, settings: dict[str, Any], given: dict[str, Any], paths: 
                "device": settings["device"], "progress": settings["progress"]}
     if saved["lr_decay_steps"] is None and any(resumed[k] != saved[k] for k in LIMITS):
         resumed["lr_decay_steps"] = state.get("decay_steps")  # extending a run keeps its schedule
+    changed = [f"--{k.replace('_', '-')} {resumed[k]} (was {saved.get(k)!r})" for k in LIMITS
+               if k in given and resumed[k] != saved.get(k)]
+    if changed:  # applied, and said so: an option given with --resume is never silently dropped
+        print(f"resuming {ckpt} with {', '.join(changed)}", file=sys.stderr, flush=True)
     return state, options, resumed
+
+
+def _keep_global_batch(cfg: TrainConfig, state: dict[str, Any], ctx: Dist) -> None:
+    """A run resumed on another number of processes keeps its global batch (hence its steps): the batch per
+    process or the accumulation adapts, and the log says so."""
+    saved = int(state.get("world_size", state.get("loader", {}).get("world_size", 1)))
+    if saved == ctx.world_size:
+        return
+    before = (cfg.batch_size, cfg.grad_accum)
+    cfg.batch_size, cfg.grad_accum = adapt_batch(cfg.batch_size, cfg.grad_accum, saved, ctx.world_size)
+    if ctx.is_main:
+        print(f"resuming a run of {saved} process(es) on {ctx.world_size}: batch {before[0]} × accumulation "
+              f"{before[1]} per process becomes batch {cfg.batch_size} × accumulation {cfg.grad_accum}, keeping the "
+              f"global batch of {before[0] * before[1] * saved}", file=sys.stderr)
 
 
 def run(build: Callable[[Context], Method], settings: TrainOptions, *, verb: str, options: dict[str, Any],
@@ -207,14 +231,22 @@ def run(build: Callable[[Context], Method], settings: TrainOptions, *, verb: str
     `options` (the method's own, as given) are saved with the run, so `--resume` rebuilds the same method.
     """
     cfg = settings.config()
-    ctx = init_distributed(settings.device)
+    ctx = init_distributed(settings.device, cfg.strategy)
     out = Path(settings.out)
     finished = False
     try:
         if state is None and ctx.is_main:
             check_out_dir(out)
         torch.manual_seed(cfg.seed)  # the method's fresh weights (a head, adapters, a new model) come from it
-        method = build(Context(ctx, cfg, out if state is not None else None))
+        if state is not None:
+            _keep_global_batch(cfg, state, ctx)
+        # A sharded run's weights come back after sharding (lmforge.train.sharded); the method builds its model
+        # as a new run would, with its frozen parts (a LoRA base) from the run's options.
+        method = build(Context(ctx, cfg, out if state is not None and SHARDED not in state else None))
+        check_run(method.model, strategy=cfg.strategy, batch_size=cfg.batch_size, precision=cfg.precision,
+                  block_size=getattr(method.loader, "block_size", None), world_size=ctx.world_size,
+                  optimizer=cfg.optimizer, checkpointing=cfg.activation_checkpointing,
+                  memory_limit=cfg.memory_limit, device=ctx.device)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(out)
@@ -227,6 +259,8 @@ def run(build: Callable[[Context], Method], settings: TrainOptions, *, verb: str
             val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
             print(f"stopped by {result.stopped_by} at step {result.step}{val}; saved in {out}", file=sys.stderr)
         finished = True
+        if result.stopped_by == "interrupted":  # saved; still not a finished run, and scripts must tell
+            raise Interrupted(f"interrupted at step {result.step}; saved in {out}")
         return out
     finally:
         shutdown(ctx, wait_for_all=finished)  # after a failure the other ranks may never arrive

@@ -127,6 +127,15 @@ def test_no_stopping_rule_is_refused(packed, tmp_path):
         lmforge.pretrain(packed, out=tmp_path / "run", **SMALL)
 
 
+def test_max_minutes_counts_the_time_before_a_resume(packed, tmp_path):
+    """A time budget is the run's, like a step budget: a resumed run that has already used it takes no step
+    (and a time-based learning-rate schedule goes on from where it was instead of restarting at its peak)."""
+    run = lmforge.pretrain(packed, out=tmp_path / "run", max_steps=2, **SMALL)
+    assert load_train_state(run)["elapsed"] > 0.01
+    lmforge.pretrain(resume=run, max_steps=100, max_minutes=0.01 / 60, progress=False)
+    assert load_train_state(run)["step"] == 2
+
+
 def test_max_tokens_stops_at_the_token_budget(packed, tmp_path):
     run = lmforge.pretrain(packed, out=tmp_path / "run", max_tokens=3 * 4 * 32, **SMALL)
     assert load_train_state(run)["step"] == 3

@@ -22,8 +22,9 @@ from lmforge.train.plan import estimate, max_batch_size, parse_memory
 # run's own tensors. A 1-step warm-up run first touches the code of every kernel a step uses (library pages
 # count as resident), and glibc's fixed mmap threshold returns every freed tensor to the system at once.
 # Two steps: the second runs with the optimizer's state allocated, the peak.
+# The peak is VmHWM, this process's own: ru_maxrss would carry over the larger pytest process it was forked from.
 MEASURE = """
-import json, os, resource, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 import lmforge
@@ -34,7 +35,8 @@ lmforge.pretrain(packed, out=out + "-warmup", max_steps=1, progress=False, model
                  block_size=16, precision="32")
 before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 lmforge.pretrain(packed, out=out, max_steps=2, progress=False, eval_every=1000, lr=1e-3, **kwargs)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
+print(json.dumps(peak - before))
 """
 
 
