@@ -172,6 +172,8 @@ ALIASES: dict[str, tuple[str, dict[str, str]]] = {
     "output": ("out", {}),
     "field": ("text_field", {}),
     "precision": ("dtype", {"32": "float32", "bf16-mixed": "bfloat16"}),
+    # translate/summarize call theirs --input (a file or the text itself); --data names it as everywhere else
+    "data": ("input", {}),
 }
 
 

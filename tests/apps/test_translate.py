@@ -77,6 +77,9 @@ def test_cli_translates_a_text_argument(mt_checkpoint: Path, capsys) -> None:
     assert main(["translate", "--model", str(mt_checkpoint), "--input", LINES[3], "--num-beams", "2"]) == 0
     expected = load(mt_checkpoint, device="cpu").translate(LINES[3], num_beams=2)
     assert expected and capsys.readouterr().out.strip() == expected
+    # --data, the input option's name in every other verb, is the same option here
+    assert main(["translate", "--model", str(mt_checkpoint), "--data", LINES[3], "--num-beams", "2"]) == 0
+    assert capsys.readouterr().out.strip() == expected
 
 
 def test_n_best_and_python_api(mt_checkpoint: Path) -> None:
