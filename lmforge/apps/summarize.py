@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmforge.apps.translate import model_of, write_lines
 from lmforge.data.readers import iter_texts
+from lmforge.io import check_output
 from lmforge.progress import Progress
 
 
@@ -31,12 +32,13 @@ def summarize(
     input: str,
     *,
     out: Path | None = None,
-    field: str = "text",
+    text_field: str = "text",
     max_new_tokens: int | None = None,
     num_beams: int | None = None,
     batch_size: int = 8,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> str | None:
     """Summarize a document (a text file, or the text itself) or each document of a JSONL file or folder.
 
@@ -45,18 +47,21 @@ def summarize(
             chat) model, which is prompted; a checkpoint or Hugging Face folder; from Python also a loaded `LM`.
         input: A text file (one document), a JSONL file (one document per row, in `field`), a folder, or the text.
         out: Write one summary per line here; default: print them.
-        field: The JSONL field holding each document.
+        text_field: The JSONL field holding each document.
         max_new_tokens: Most tokens per summary (default: the encoder-decoder's generation_config, 128 for a
             decoder).
         num_beams: Beam width for an encoder-decoder (default: its generation_config); a decoder decodes greedily.
         batch_size: Documents decoded together by an encoder-decoder.
         device: cpu or cuda; default cuda when available.
         progress: Show progress on stderr.
+        overwrite: Replace a non-empty file at `out` (refused by default, as in every verb).
 
     Returns:
         The summaries as text when `out` is not given.
     """
-    texts = documents(str(input), field)
+    if out is not None:
+        check_output(out, overwrite)
+    texts = documents(str(input), text_field)
     lm = model_of(model, device)
     summaries: list[str] = []
     bar = Progress(len(texts), "summarize", unit="docs", enabled=progress and len(texts) > 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import DataError
-from lmforge.io import atomic_path
+from lmforge.io import atomic_path, check_output
 from lmforge.lm import LM, load
 from lmforge.progress import Progress
 
@@ -60,6 +60,7 @@ def translate(
     batch_size: int = 16,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> str | None:
     """Translate each line of a file (or one text) with an encoder-decoder model.
 
@@ -77,10 +78,13 @@ def translate(
         batch_size: Sources decoded together.
         device: cpu or cuda; default cuda when available.
         progress: Show progress on stderr.
+        overwrite: Replace a non-empty file at `out` (refused by default, as in every verb).
 
     Returns:
         The outputs as text when `out` is not given.
     """
+    if out is not None:
+        check_output(out, overwrite)
     sources, _ = read_sources(input)
     lm = model_of(model, device)
     stopping: Any = {"false": False, "true": True, "never": "never"}.get(str(early_stopping).lower(), early_stopping)

@@ -13,7 +13,15 @@ import pytest
 import torch
 from conftest import greedy_text, random_gpt, running_server
 
-from lmforge.apps.code import block_end, check_source, complete_at, cursor_offset, generate_tests, token_surprise
+from lmforge.apps.code import (
+    block_end,
+    check_source,
+    complete_at,
+    cursor_offset,
+    generate_tests,
+    token_surprise,
+)
+from lmforge.apps.code import tests as write_tests  # not `tests`: pytest would collect it
 from lmforge.cli import main
 from lmforge.errors import ConfigError
 from lmforge.eval.sandbox import Limits, run_python
@@ -150,6 +158,24 @@ def test_tests_keep_only_what_passes_in_the_sandbox(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mymod.py"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout
+
+
+def test_tests_verb_keeps_the_rule_for_its_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`code tests` refuses to replace a test file someone wrote, and writes none when no test passed."""
+    monkeypatch.setattr("lmforge.apps.code._lm", lambda model, device=None: model)
+    module = tmp_path / "mymod.py"
+    module.write_text(MODULE)
+    written = tmp_path / "test_mymod.py"
+    written.write_text("def test_mine():\n    pass\n")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        write_tests(CannedLM(["1, 2) == 3\n"]), module, samples=1, unsafe_no_sandbox=not isolated())
+    assert written.read_text() == "def test_mine():\n    pass\n"
+    out = tmp_path / "test_none.py"
+    said = write_tests(CannedLM(["1, 2) == 4\n"]), module, out=out, samples=1, unsafe_no_sandbox=not isolated())
+    assert "nothing written" in said and not out.exists()
+    said = write_tests(CannedLM(["1, 2) == 3\n"]), module, out=written, samples=1, overwrite=True,
+                 unsafe_no_sandbox=not isolated())
+    assert said.startswith("kept 1 of") and "def test_add_1" in written.read_text()
 
 
 def test_cli_check_and_complete(fim_lm: LM, tmp_path: Path, capsys) -> None:

@@ -71,6 +71,10 @@ def test_cli_translates_a_file_line_by_line(mt_checkpoint: Path, tmp_path: Path)
     lm = load(mt_checkpoint, device="cpu")
     assert lines[0] == lm.translate(LINES[0], num_beams=3)
     assert lines[3] == lm.translate(LINES[3], num_beams=3)
+    # the one overwrite rule: a second run refuses to replace the translations unless told to
+    again = ["translate", "--model", str(mt_checkpoint), "--input", str(source), "--out", str(out)]
+    assert main(again) != 0 and out.read_text().splitlines() == lines
+    assert main([*again, "--overwrite"]) == 0
 
 
 def test_cli_translates_a_text_argument(mt_checkpoint: Path, capsys) -> None:
