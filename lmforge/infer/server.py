@@ -102,7 +102,8 @@ def create_app(lm: LM, *, name: str = "lmforge", api_key: str | None = None, max
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": svc.created,
-                                            "owned_by": "lmforge", "max_model_len": svc.context}]}
+                                            "owned_by": "lmforge", "max_model_len": svc.context,
+                                            "documents": documents is not None}]}
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

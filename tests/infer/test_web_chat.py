@@ -73,3 +73,54 @@ def test_page_fits_max_tokens_to_a_short_context_and_says_so(make_lm: Callable[.
         note = page.inner_text(".msg.note")
         assert f"trimmed from 256 to {32 - prompt_tokens}" in note and "32-token context" in note
         browser.close()
+
+
+@pytest.mark.slow
+def test_documents_toggle_answers_with_cited_sources(make_lm: Callable[..., LM], tmp_path) -> None:
+    """With `serve --index`, the page shows a documents toggle; switched on, a question goes to /v1/answer and
+    the reply is the Python API's answer, with the retrieved sources listed under it (their chunk text folded).
+    Without an index the toggle stays hidden."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from test_server import running_server
+
+    from lmforge.apps.answer import generative_answer
+    from lmforge.data.index import DocumentIndex, build_index
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "files.md").write_text("Open a file for appending with mode 'a'. Writing then adds text at the end.")
+    (docs / "math.md").write_text("The square root of a number is computed by math.sqrt, which returns a float.")
+    build_index(docs, tmp_path / "idx", embed=None, encoder=None)
+    documents = DocumentIndex(tmp_path / "idx")
+    lm = make_lm("gpt2-tiny")
+    question = "Which function computes the square root?"
+    hits = documents.search(question, 5, None)
+    expected = generative_answer(lm, question, hits, max_new_tokens=12, temperature=0.0)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        with running_server(create_app(lm, name="plain")) as url:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("document.getElementById('model').textContent === 'plain'")
+            assert not page.is_visible("#documents")
+        with running_server(create_app(lm, name="docs", documents=documents)) as url:
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r) if "/v1/" in r.url and r.method == "POST" else None)
+            page.goto(url)
+            page.wait_for_function("document.getElementById('model').textContent === 'docs'")
+            page.check("#documents")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "12")
+            page.fill("#input", question)
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=30_000)
+            assert page.query_selector(".msg.error") is None
+            assert [r.url.rsplit("/", 1)[1] for r in requests] == ["answer"]
+            assert requests[0].post_data_json == {"question": question, "temperature": 0, "max_tokens": 12}
+            assert page.eval_on_selector(".msg.assistant", "e => e.textContent") == expected.answer
+            listed = page.eval_on_selector_all(".sources summary", "els => els.map(e => e.textContent)")
+            assert [s.split(" ")[0] for s in listed] == [s["id"] for s in expected.sources]
+            first = page.eval_on_selector(".sources pre", "e => e.textContent")
+            assert first == next(h.chunk.text for h in hits if h.chunk.id == expected.sources[0]["id"])
+        browser.close()
