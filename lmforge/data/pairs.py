@@ -5,7 +5,7 @@ Four inputs, one output:
     --source pairs.tsv | .csv | .jsonl  one file of rows with `source` and `target` fields (THE reader,
                                         `lmforge.data.readers`, reads it: .gz/.zst and Parquet too)
     --sword kjv,sparv                   two SWORD Bible modules aligned verse by verse (`lmforge.data.sword`)
-    --python-docstrings stdlib | DIR    Python functions -> the first line of their docstring (summaries)
+    --python-docstrings stdlib,DIR,...  Python functions -> the first line of their docstring (summaries)
 written as out/{train,valid,test}.jsonl ({"source", "target", plus the row's keys}) and out/meta.json.
 
 The split is by a key: a field such as `book` (every verse of a test book is a test verse, so the model
@@ -65,8 +65,10 @@ def pairs(
         target: The line-aligned translation of a text --source.
         sword: Two SWORD Bible modules, "SOURCE,TARGET" (ids, abbreviations or Debian names such as kjv,sparv),
             aligned verse by verse; rows carry book, chapter and verse.
-        python_docstrings: A folder of Python files, or "stdlib" for this Python's standard library: each
-            documented function becomes a pair (see --docstring-task); rows carry module and name.
+        python_docstrings: Folders of Python files, comma-separated; "stdlib" is this Python's standard
+            library and "site-packages" its installed packages. Each documented function becomes a pair (see
+            --docstring-task); rows carry module, name and root (the folder it came from). A module keeps
+            its split whatever other folders are added, so "stdlib,site-packages" has stdlib's test split.
         docstring_task: "code": the function without its docstring -> the docstring's first line; "prose":
             the docstring's body -> its first line (only functions whose docstring has a body).
         source_field: Field or column of the source side in a rows file.
@@ -246,10 +248,15 @@ def sword_pairs(names: str, dropped: Counter[str]) -> Iterator[Pair]:
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test"}
 
 
+NAMED_FOLDERS = {"stdlib": "stdlib", "site-packages": "purelib"}  # sysconfig's names for them
+
+
 def python_files(root: str | Path) -> tuple[Path, list[Path]]:
-    """(folder, its .py files in sorted order); "stdlib" is this Python's standard library. Test suites and
-    installed packages are left out: their functions are fixtures, not library code."""
-    folder = Path(sysconfig.get_paths()["stdlib"]) if str(root) == "stdlib" else Path(root)
+    """(folder, its .py files in sorted order); "stdlib" is this Python's standard library, "site-packages" its
+    installed packages. Test suites (and, inside a folder, installed packages) are left out: their functions
+    are fixtures, or another folder's code."""
+    name = NAMED_FOLDERS.get(str(root))
+    folder = Path(sysconfig.get_paths()[name]) if name else Path(root)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder of Python files")
     files = sorted(p for p in folder.rglob("*.py")
@@ -280,8 +287,14 @@ def docstring_pairs(root: str | Path, task: Literal["code", "prose"], dropped: C
 
     Functions whose summary is not a sentence of 3-40 words, and exact duplicates, are dropped and counted.
     """
-    folder, files = python_files(root)
     seen: set[str] = set()
+    for part in [p.strip() for p in str(root).split(",") if p.strip()]:
+        yield from _docstring_pairs(part, task, dropped, seen)
+
+
+def _docstring_pairs(root: str, task: Literal["code", "prose"], dropped: Counter[str], seen: set[str]
+                     ) -> Iterator[Pair]:
+    folder, files = python_files(root)
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
@@ -312,7 +325,8 @@ def docstring_pairs(root: str | Path, task: Literal["code", "prose"], dropped: C
                 dropped["duplicate"] += 1
                 continue
             seen.add(src)
-            yield {"source": src, "target": summary, "module": module, "name": node.name, "line": node.lineno}
+            yield {"source": src, "target": summary, "module": module, "name": node.name, "line": node.lineno,
+                   "root": root}
 
 
 # ---- splitting and writing -------------------------------------------------------------------------------

@@ -165,3 +165,20 @@ def test_python_docstrings_code_and_prose(tmp_path):
     assert [(r["source"], r["target"]) for r in rows(prose / "train.jsonl")] == [
         ("Multiplies the width by the height, both in the same unit, and returns the product.",
          "Return the area of a rectangle.")]
+
+
+def test_python_docstrings_from_several_folders_keep_each_modules_split(tmp_path):
+    """Adding a folder (as `stdlib,site-packages` does) adds pairs but moves none of the first folder's: a
+    module's split comes from its name alone, so the held-out test modules stay held out and the same."""
+    for folder in ("a", "b"):
+        for i in range(12):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            (tmp_path / folder / f"{folder}mod{i}.py").write_text(
+                f'def f{i}(x):\n    """Return the value {i} of the {folder} thing."""\n    return x + {i} + len({folder!r})\n')
+    alone = pairs(tmp_path / "alone", python_docstrings=str(tmp_path / "a"), valid=0.25, test=0.25)
+    both = pairs(tmp_path / "both", python_docstrings=f"{tmp_path / 'a'},{tmp_path / 'b'}", valid=0.25, test=0.25)
+    for split in ("train", "valid", "test"):
+        first = [r for r in rows(both / f"{split}.jsonl") if r["root"] == str(tmp_path / "a")]
+        assert first == rows(alone / f"{split}.jsonl")
+    assert {r["root"] for r in rows(both / "train.jsonl")} == {str(tmp_path / "a"), str(tmp_path / "b")}
+    assert sum(len(rows(both / f"{s}.jsonl")) for s in ("train", "valid", "test")) == 24
