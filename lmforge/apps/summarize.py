@@ -11,20 +11,33 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lmforge.apps.translate import model_of, write_lines
-from lmforge.data.readers import iter_texts
+from lmforge.apps.translate import model_of, refuse_missing_path, write_lines
+from lmforge.data.readers import file_format, iter_texts, read_rows
+from lmforge.errors import DataError
 from lmforge.io import check_output
 from lmforge.progress import Progress
 
 
 def documents(input: str, field: str = "text") -> list[str]:
-    """The documents of a file or folder (`iter_texts`: a text file whole, JSONL rows' `field`), or `input`
-    itself as the one document when it names no file."""
+    """The documents of a file or folder, or `input` itself as the one document when it names no file. A rows
+    file (JSONL, CSV, Parquet) gives one document per row, an empty one included, so output line k is row k's
+    summary; a text file is one document; a folder one per file (`iter_texts`)."""
     try:
         exists = len(input) < 4096 and Path(input).exists()
     except OSError:
         exists = False
-    return list(iter_texts(Path(input), text_field=field)) if exists else [input]
+    if not exists:
+        refuse_missing_path(input)
+        return [input]
+    path = Path(input)
+    if path.is_file() and file_format(path) != "text":
+        texts = []
+        for line, row in read_rows(path):
+            if field not in row:
+                raise DataError(f"{path}:{line}: no field {field!r} (fields: {sorted(row)}); choose --text-field")
+            texts.append(str(row[field] or ""))
+        return texts
+    return list(iter_texts(path, text_field=field))
 
 
 def summarize(
@@ -67,7 +80,10 @@ def summarize(
     bar = Progress(len(texts), "summarize", unit="docs", enabled=progress and len(texts) > 1)
     for start in range(0, len(texts), batch_size):
         options = {"num_beams": num_beams} if num_beams is not None and lm.is_seq2seq else {}
-        summaries += lm.summarize(texts[start:start + batch_size], max_new_tokens=max_new_tokens, **options)
+        batch = texts[start:start + batch_size]
+        real = [t for t in batch if t.strip()]  # an empty row gets an empty summary, not a guess
+        done = iter(lm.summarize(real, max_new_tokens=max_new_tokens, **options) if real else [])
+        summaries += [next(done) if t.strip() else "" for t in batch]
         bar.update(len(summaries))
     if out is None:
         return "\n".join(summaries)

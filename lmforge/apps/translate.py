@@ -7,6 +7,7 @@ beam search or greedy); this verb only reads the input, batches it and writes on
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,19 @@ from lmforge.lm import LM, load
 from lmforge.progress import Progress
 
 EarlyStopping = Literal["false", "true", "never"]
+
+
+def looks_like_a_path(input: str) -> bool:
+    """An input with no spaces that has a folder separator or a file extension (held_out.en, docs/a.txt): a
+    file name, so a missing one is an error rather than a text to translate."""
+    return bool(input) and not any(c.isspace() for c in input) and (
+        "/" in input or bool(re.fullmatch(r"\.[A-Za-z0-9]{1,8}", Path(input).suffix)))
+
+
+def refuse_missing_path(input: str, option: str = "--input") -> None:
+    if looks_like_a_path(input) and not Path(input).exists():
+        raise DataError(f"{option} {input}: no such file (a text with spaces, or without a file extension, is "
+                        "taken as the text itself)")
 
 
 def read_sources(input: str | Path) -> tuple[list[str], bool]:
@@ -30,6 +44,9 @@ def read_sources(input: str | Path) -> tuple[list[str], bool]:
     except OSError:  # a text too long for a path name
         is_file = False
     if not is_file:
+        if len(str(input)) < 4096 and path.is_dir():
+            raise DataError(f"--input {input}: a folder; translate reads one text file (one source per line)")
+        refuse_missing_path(str(input))
         return [str(input)], False
     try:
         return path.read_text(encoding="utf-8").splitlines(), True

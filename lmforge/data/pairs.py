@@ -236,11 +236,20 @@ def sword_pairs(names: str, dropped: Counter[str]) -> Iterator[Pair]:
     for i, verses in enumerate(sides):
         if _uses_drop_caps([v.text for v in verses if v.verse == 1]):
             sides[i] = [v if v.verse != 1 else type(v)(v.book, v.chapter, v.verse, _recase(v.text)) for v in verses]
-    for a, b in zip(*sides):
-        if not a.text or not b.text:
+    # Paired by reference, not by position: a module may lack a testament (New-Testament-only modules)
+    targets = {(v.book, v.chapter, v.verse): v.text for v in sides[1]}
+    for a in sides[0]:
+        b = targets.get((a.book, a.chapter, a.verse))
+        if b is None:
+            dropped["verse_missing_in_target"] += 1
+            continue
+        if not a.text or not b:
             dropped["empty_verse"] += 1
             continue
-        yield {"source": a.text, "target": b.text, "book": a.book, "chapter": a.chapter, "verse": a.verse}
+        yield {"source": a.text, "target": b, "book": a.book, "chapter": a.chapter, "verse": a.verse}
+    sources = {(v.book, v.chapter, v.verse) for v in sides[0]}
+    if missing := sum(1 for key in targets if key not in sources):
+        dropped["verse_missing_in_source"] += missing
 
 
 # ---- Python docstrings ------------------------------------------------------------------------------------

@@ -108,6 +108,10 @@ def decode_sources(model: Seq2Seq, sources: list[list[int]], params: SamplingPar
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    if search.num_return_sequences > params.num_beams:
+        raise ConfigError(f"num_return_sequences={search.num_return_sequences}: the n best come from beam search, "
+                          f"so at most num_beams={params.num_beams}; give --num-beams "
+                          f"{max(search.num_return_sequences, 4)} or more")
     model.eval()
     limit = model.config.max_positions if model.config.position != "relative" else params.max_new_tokens
     max_new = min(params.max_new_tokens, limit)

@@ -12,6 +12,7 @@ import lmforge
 from lmforge.apps.summarize import documents
 from lmforge.checkpoint import save_checkpoint
 from lmforge.cli import main
+from lmforge.errors import DataError
 from lmforge.infer.seq2seq import SUMMARY_INSTRUCTION, summary_prompt
 from lmforge.lm import LM, load
 from lmforge.model.seq2seq import Seq2Seq, seq2seq_preset
@@ -45,6 +46,20 @@ def test_seq2seq_summarizes_each_jsonl_row(sum_checkpoint: Path, tmp_path: Path)
     expected = [lm.translate(d, num_beams=2, max_new_tokens=10) for d in DOCS]
     assert out.read_text().splitlines() == expected and all(expected)
     assert lm.summarize(DOCS) == expected
+
+
+def test_an_empty_row_keeps_its_line(sum_checkpoint: Path, tmp_path: Path) -> None:
+    """Output line k is row k's summary: an empty row gets an empty line, not a shift of every later one."""
+    data, out = tmp_path / "docs.jsonl", tmp_path / "summaries.txt"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in [DOCS[0], "", DOCS[1]]))
+    assert main(["summarize", "--model", str(sum_checkpoint), "--input", str(data), "--out", str(out)]) == 0
+    lm = load(sum_checkpoint, device="cpu")
+    assert out.read_text().splitlines() == [lm.summarize(DOCS[0]), "", lm.summarize(DOCS[1])]
+    data.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"docs.jsonl:1: no field 'text'"):
+        documents(str(data))
+    with pytest.raises(DataError, match="no such file"):
+        documents(str(tmp_path / "missing.txt"))
 
 
 def test_a_text_file_is_one_document(tmp_path: Path) -> None:

@@ -96,6 +96,22 @@ def test_n_best_and_python_api(mt_checkpoint: Path) -> None:
     assert lm.generate(LINES[3]) == lm.translate(LINES[3])  # generate on a seq2seq model: prompt = source
 
 
+def test_bad_inputs_are_refused_in_words(mt_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """More n-best than beams, a mistyped file name and a folder are errors, never a silent short list or
+    the file name translated as if it were text."""
+    lm = load(mt_checkpoint, device="cpu")
+    with pytest.raises(ConfigError, match="at most num_beams=2"):
+        lm.translate(LINES[0], num_beams=2, num_return_sequences=3)
+    assert main(["translate", "--model", str(mt_checkpoint), "--input", LINES[0], "--num-return-sequences", "3"]) == 2
+    assert "num_return_sequences=3" in capsys.readouterr().err
+    for missing in (str(tmp_path / "missing.en"), "held_out.en"):
+        assert main(["translate", "--model", str(mt_checkpoint), "--input", missing]) == 2
+        assert f"--input {missing}: no such file" in capsys.readouterr().err
+    assert main(["translate", "--model", str(mt_checkpoint), "--input", str(tmp_path)]) == 2
+    assert "a folder" in capsys.readouterr().err
+    assert lm.translate("In the beginning.") == lmforge.translate(lm, "In the beginning.", progress=False)
+
+
 def test_a_decoder_cannot_translate(make_checkpoint) -> None:
     with pytest.raises(ConfigError, match="encoder-decoder"):
         load(make_checkpoint("gpt2-tiny"), device="cpu").translate("hello")

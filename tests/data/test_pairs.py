@@ -173,8 +173,9 @@ def test_python_docstrings_from_several_folders_keep_each_modules_split(tmp_path
     for folder in ("a", "b"):
         for i in range(12):
             (tmp_path / folder).mkdir(exist_ok=True)
+            body = f"    return x + {i} + len({folder!r})\n"
             (tmp_path / folder / f"{folder}mod{i}.py").write_text(
-                f'def f{i}(x):\n    """Return the value {i} of the {folder} thing."""\n    return x + {i} + len({folder!r})\n')
+                f'def f{i}(x):\n    """Return the value {i} of the {folder} thing."""\n' + body)
     alone = pairs(tmp_path / "alone", python_docstrings=str(tmp_path / "a"), valid=0.25, test=0.25)
     both = pairs(tmp_path / "both", python_docstrings=f"{tmp_path / 'a'},{tmp_path / 'b'}", valid=0.25, test=0.25)
     for split in ("train", "valid", "test"):

@@ -149,3 +149,21 @@ def test_bible_pairs_hold_out_whole_books(tmp_path):
     assert meta["keys"]["test"] == ["Ruth", "Jas"] and "Ruth" not in meta["keys"]["train"]
     first = json.loads((tmp_path / "p" / "test.jsonl").open().readline())
     assert first["book"] == "Ruth" and first["target"].startswith("Y aconteció en los días")  # "Y ACONTECIÓ" recased
+
+
+def test_pairs_match_verses_by_reference_when_one_module_lacks_a_testament(tmp_path):
+    """A full Bible beside a New-Testament-only module: Matthew pairs with Matthew (never Genesis with
+    Matthew, as pairing by position would), and the Old Testament verses are dropped and counted."""
+    books = versification()
+    split = next(i for i, (book, _) in enumerate(books) if book == "Matt")
+    tagged = lambda tag: (lambda b, c, v: f"{tag} {b} {c}:{v}")  # noqa: E731
+    write_ztext(tmp_path / "full", "ot", entries_of(books[:split], tagged("Ex")), per_block=200)
+    write_ztext(tmp_path / "full", "nt", entries_of(books[split:], tagged("Ex")), per_block=200)
+    write_ztext(tmp_path / "ntonly", "nt", entries_of(books[split:], tagged("Sp")), per_block=200)
+    out = pairs(tmp_path / "out", sword=f"{tmp_path / 'full'},{tmp_path / 'ntonly'}", valid=0, test=0)
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert rows[0]["source"] == "Ex Matt 1:1" and rows[0]["target"] == "Sp Matt 1:1"
+    assert all(r["source"][3:] == r["target"][3:] for r in rows)
+    assert len(rows) == sum(sum(c) for _, c in books[split:])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dropped"]["verse_missing_in_target"] == sum(sum(c) for _, c in books[:split])
