@@ -37,6 +37,10 @@ def _lm(model: str | Path | LM, device: str | None = None) -> LM:
 
     lm = load(model, device=device)
     lm.require_decoder("complete code")
+    if lm.is_seq2seq:
+        raise ConfigError(f"{model}: an encoder-decoder (translation / summarization) model cannot read or write "
+                          "code at a cursor; use a decoder trained on code (pretrain on a code corpus, or an "
+                          "imported StarCoder / Qwen-coder)")
     return lm
 
 
@@ -78,6 +82,9 @@ def block_end(middle: str, prefix: str, suffix: str, max_lines: int | None = Non
     for i, piece in enumerate(pieces):
         complete = i < len(pieces) - 1
         text = (current + piece) if i == 0 else piece
+        if i == 0 and current.strip():  # the rest of the line the user began (`def f(x):|`): never a dedent
+            kept.append(piece)
+            continue
         if complete and text.strip():
             if (base > 0 and _indent(text) < base) or (base == 0 and seen_blank and count and _indent(text) == 0):
                 return "\n".join(kept) + ("\n" if kept else ""), True
@@ -380,5 +387,6 @@ def tests(model: str | Path | LM, file: Path, *, out: Path | None = None, sample
         print(f"dropped {name}: {why}", file=sys.stderr)
     if not result["kept"]:  # a file without tests would not "run green": pytest exits 5, collecting nothing
         return f"none of the {len(result['dropped'])} generated tests passed; nothing written to {out}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(result["file"], encoding="utf-8")
     return f"kept {len(result['kept'])} of {len(result['kept']) + len(result['dropped'])} tests in {out}"

@@ -128,7 +128,10 @@ def build_index(docs: Path, out: Path, *, embed: Embed | None, encoder: dict[str
     rows: list[dict[str, Any]] = []
     vectors: list[torch.Tensor | None] = []
     changed: list[str] = []
+    inside = Path(out).resolve()
     for path, name in input_files(docs, glob, text_only=True):
+        if path.resolve().is_relative_to(inside):  # an index kept in its own docs folder is not a document
+            continue
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         files[name] = digest
         if reuse_text and old["files"].get(name) == digest:

@@ -73,6 +73,9 @@ def test_block_end_stops_where_the_block_does() -> None:
     assert block_end("x + 1)\nmore\n", "    return f(", ")\n") == ("x + 1)", True)  # mid-line: the line
     assert block_end("    a = 1\n    b = 2\n", prefix, "", max_lines=1) == ("    a = 1\n", True)
     assert block_end("    a = 1", prefix, "") == ("    a = 1", False)  # unfinished: all of it
+    # the cursor at the end of the line that opens the block (`--line N` with no column): its body is kept
+    assert block_end("\n    return x + 1\n\ndef h():\n", "def f(x):", "\n\ndef g():\n") == (
+        "\n    return x + 1\n\n", True)
 
 
 def test_complete_asks_with_the_training_layout_and_cuts_the_block(fim_lm: LM, monkeypatch) -> None:
@@ -176,6 +179,9 @@ def test_tests_verb_keeps_the_rule_for_its_output(tmp_path: Path, monkeypatch: p
     said = write_tests(CannedLM(["1, 2) == 3\n"]), module, out=written, samples=1, overwrite=True,
                  unsafe_no_sandbox=not isolated())
     assert said.startswith("kept 1 of") and "def test_add_1" in written.read_text()
+    fresh = tmp_path / "new" / "tests" / "test_mymod.py"  # a folder that does not exist yet is made
+    said = write_tests(CannedLM(["1, 2) == 3\n"]), module, out=fresh, samples=1, unsafe_no_sandbox=not isolated())
+    assert said.startswith("kept 1 of") and "def test_add_1" in fresh.read_text()
 
 
 def test_cli_check_and_complete(fim_lm: LM, tmp_path: Path, capsys) -> None:

@@ -110,6 +110,10 @@ def test_bad_inputs_are_refused_in_words(mt_checkpoint: Path, tmp_path: Path, ca
     assert main(["translate", "--model", str(mt_checkpoint), "--input", str(tmp_path)]) == 2
     assert "a folder" in capsys.readouterr().err
     assert lm.translate("In the beginning.") == lmforge.translate(lm, "In the beginning.", progress=False)
+    code = tmp_path / "app.py"
+    code.write_text("def f(x):\n    return x\n")
+    assert main(["code", "check", "--model", str(mt_checkpoint), str(code)]) == 2
+    assert "an encoder-decoder" in capsys.readouterr().err
 
 
 def test_a_decoder_cannot_translate(make_checkpoint) -> None:

@@ -124,6 +124,16 @@ def test_reindexing_re_embeds_only_changed_files_and_drops_removed_ones(tmp_path
     assert torch.allclose(index.embeddings, BagOfWords()([c.text for c in index.chunks]))
 
 
+def test_an_index_inside_its_docs_folder_is_not_indexed(tmp_path) -> None:
+    """`lmforge index docs/ --out docs/idx` twice: the second run does not read the index's own files as
+    documents (its BM25 JSON once stopped it as "invalid JSON")."""
+    docs = write_docs(tmp_path / "docs")
+    first = build_index(docs, docs / "idx", embed=BagOfWords(), encoder=ENCODER)
+    again = build_index(docs, docs / "idx", embed=BagOfWords(), encoder=ENCODER)
+    assert (again["changed"], again["unchanged"]) == (0, first["changed"])
+    assert {c.source for c in DocumentIndex(docs / "idx").chunks} == set(DOCS)
+
+
 def test_a_new_encoder_re_embeds_everything(tmp_path) -> None:
     docs = write_docs(tmp_path / "docs")
     build_index(docs, tmp_path / "idx", embed=BagOfWords(), encoder=ENCODER)
