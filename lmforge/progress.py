@@ -22,16 +22,19 @@ class Progress:
     """`Progress(total, "train").update(step, loss=2.1, lr=3e-4)`; ETA from the mean rate since start."""
 
     def __init__(self, total: float | None, desc: str, *, unit: str = "it", interval: float | None = None,
-                 stream: TextIO | None = None, enabled: bool = True, time_limit: float | None = None) -> None:
-        """`time_limit` (seconds) gives an ETA to jobs bounded by time rather than by a count."""
+                 stream: TextIO | None = None, enabled: bool = True, time_limit: float | None = None,
+                 initial: float = 0.0) -> None:
+        """`time_limit` (seconds from now) gives an ETA to jobs bounded by time rather than by a count; `initial`
+        is the count a resumed job starts from, so its rate counts only the work done since."""
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.initial = initial
         self.time_limit = time_limit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.tty else 10.0)
         self.start = time.perf_counter()
         self.last_print = -float("inf")
-        self.done = 0.0
+        self.done = initial
         self.fields: dict[str, Any] = {}
 
     def update(self, done: float, *, force: bool = False, **fields: Any) -> None:
@@ -55,8 +58,8 @@ class Progress:
         parts += [f"{k} {_fmt(v)}" for k, v in self.fields.items()]
         parts.append(f"elapsed {format_duration(elapsed)}")
         eta = [self.time_limit - elapsed] if self.time_limit else []
-        if self.total and self.done:
-            eta.append(elapsed * (self.total - self.done) / self.done)
+        if self.total and self.done > self.initial:
+            eta.append(elapsed * (self.total - self.done) / (self.done - self.initial))
         if eta:
             parts.append(f"eta {format_duration(min(eta))}")
         line = " | ".join(parts)

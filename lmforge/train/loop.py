@@ -210,7 +210,8 @@ def train(model: nn.Module, loader: Batches, out: Path, cfg: TrainConfig, *, ctx
     cfg = shorten_warmup(cfg, total_steps, announce=ctx.is_main) if state is None else cfg
     decay_steps = cfg.lr_decay_steps or total_steps
     bar = Progress(total_steps, "train", unit="steps", enabled=progress and ctx.is_main,
-                   time_limit=60 * cfg.max_minutes if cfg.max_minutes else None)
+                   time_limit=max(0.0, 60 * cfg.max_minutes - elapsed_before) if cfg.max_minutes else None,
+                   initial=step)
     metrics = MetricsLog(out, cfg.logger, resume_step=step if state else None) if ctx.is_main else None
     saved_at = step if state is not None else None
 
