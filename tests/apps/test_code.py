@@ -95,8 +95,30 @@ def test_complete_asks_with_the_training_layout_and_cuts_the_block(fim_lm: LM, m
     prefix, suffix = "def mul(a, b):\n", "\n\nprint(mul(2, 3))\n"
     assert seen["ids"] == [f.prefix, *tok.encode(prefix), f.suffix, *tok.encode(suffix), f.middle]
     assert set(f.names) <= set(seen["stop"])
-    middle = complete_at(fim_lm, source, 2, 1, fim=False)  # left to right: the prefix alone
-    assert seen["ids"] == tok.encode(prefix)
+    middle = complete_at(fim_lm, source, 2, 1, fim=False)  # left to right: the prefix alone, healed
+    assert seen["ids"] == tok.encode("def mul(a, b):")
+
+
+def test_left_to_right_at_a_line_start_lets_the_model_write_the_newline(fim_lm: LM, monkeypatch) -> None:
+    """Byte-level BPE joins a newline with the indentation after it, so a prompt ending in a lone newline token
+    is out of distribution: the prompt stops before the newline, and what the model writes again of the prefix
+    (the newline, the indentation already typed) is not part of the answer."""
+    seen = {}
+
+    def fake_stream(ids, **kw):
+        seen["ids"] = ids
+        yield from ["\n   ", " total = 0\n", "    for x in xs:\n"]
+
+    monkeypatch.setattr(fim_lm, "stream", fake_stream)
+    tok = fim_lm.tokenizer
+    source = "def f(xs):\n\n    return total\n"
+    assert complete_at(fim_lm, source, 2, 1, fim=False, lines=1) == "    total = 0\n"
+    assert seen["ids"] == tok.encode("def f(xs):")
+    source = "def f(xs):\n    \n    return total\n"  # the indentation already typed: only the rest is new
+    assert complete_at(fim_lm, source, 2, 5, fim=False, lines=1) == "total = 0\n"
+    assert seen["ids"] == tok.encode("def f(xs):")
+    assert complete_at(fim_lm, "def f(xs):\n    return x", 2, 11, fim=False) == ""  # mid-line: no healing
+    assert seen["ids"] == tok.encode("def f(xs):\n    return")
 
 
 def test_complete_with_random_weights_equals_greedy_decoding(fim_lm: LM) -> None:
