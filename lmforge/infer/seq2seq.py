@@ -13,6 +13,7 @@ running at the last step with eos (Marian's `forced_eos_token_id`).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +69,18 @@ class Seq2SeqSearch:
 
 def source_ids(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Sources as the model was trained to read them: bare tokens (ours) or ending in eos (Marian, T5),
-    cut to the model's positions. An empty source becomes [eos] so its attention has a key to see."""
+    cut to the model's positions (with a note on stderr saying how many were). An empty source becomes
+    [eos] so its attention has a key to see."""
     config = model.config
     room = config.max_positions - int(config.source_eos)
-    out = []
+    out, cut = [], 0
     for ids in tokenizer.encode_batch(texts, add_bos=False):
+        cut += len(ids) > room
         ids = ids[:room] + ([config.eos_id] if config.source_eos else [])
         out.append(ids or [config.eos_id])
+    if cut:
+        print(f"note: {cut} of {len(texts)} source(s) longer than the model's {room} tokens were cut to them; "
+              "the rest of each is not in the output", file=sys.stderr)
     return out
 
 

@@ -132,3 +132,14 @@ def test_openai_completions_endpoint_serves_a_seq2seq_model(mt_checkpoint: Path)
         assert reply.usage.prompt_tokens == len(lm.tokenizer.encode(LINES[0], add_bos=False))
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="other", prompt="x")
+
+
+def test_a_source_longer_than_the_model_is_cut_with_a_note(mt_checkpoint: Path, capsys) -> None:
+    lm = load(mt_checkpoint)
+    room = lm.model.config.max_positions
+    long = " ".join(["word"] * (4 * room))
+    assert len(lm.tokenizer.encode(long, add_bos=False)) > room
+    assert lm.translate(long, max_new_tokens=2) == lm.translate(long + " more words", max_new_tokens=2)
+    assert f"1 of 1 source(s) longer than the model's {room} tokens were cut" in capsys.readouterr().err
+    lm.translate("short", max_new_tokens=2)
+    assert "were cut" not in capsys.readouterr().err
