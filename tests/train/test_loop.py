@@ -136,6 +136,26 @@ def test_max_minutes_counts_the_time_before_a_resume(packed, tmp_path):
     assert load_train_state(run)["step"] == 2
 
 
+def test_a_resumed_run_shows_the_time_and_steps_left(packed, tmp_path, monkeypatch):
+    """The progress line of a resumed run counts down the budget that is left and rates only the new steps
+    (it showed the whole budget again)."""
+    from lmforge.train import loop
+
+    run = lmforge.pretrain(packed, out=tmp_path / "run", max_steps=2, **SMALL)
+    used = load_train_state(run)["elapsed"]
+    bars = []
+
+    class Recorded(loop.Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(kwargs)
+
+    monkeypatch.setattr(loop, "Progress", Recorded)
+    lmforge.pretrain(resume=run, max_steps=3, max_minutes=10, progress=False)
+    assert bars[0]["initial"] == 2
+    assert bars[0]["time_limit"] == pytest.approx(600 - used)
+
+
 def test_max_tokens_stops_at_the_token_budget(packed, tmp_path):
     run = lmforge.pretrain(packed, out=tmp_path / "run", max_tokens=3 * 4 * 32, **SMALL)
     assert load_train_state(run)["step"] == 3
