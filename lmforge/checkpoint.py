@@ -16,6 +16,7 @@ import contextvars
 import json
 import random
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,9 +133,28 @@ def load_train_state(ckpt: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     for name in (WEIGHTS, ADAPTER_WEIGHTS, HEAD_WEIGHTS):
         if (Path(ckpt) / name).exists() and weights_step(ckpt, name) not in (None, state["step"]):
+            state = _finish_interrupted_save(Path(ckpt), weights_step(ckpt, name)) or state
+        if (Path(ckpt) / name).exists() and weights_step(ckpt, name) not in (None, state["step"]):
             raise CheckpointError(f"{ckpt}: {name} is from step {weights_step(ckpt, name)} but {TRAIN_STATE} "
                                   f"from step {state['step']}; the save was interrupted between its renames")
     return state
+
+
+def _finish_interrupted_save(ckpt: Path, step: int | None) -> dict[str, Any] | None:
+    """The train state of a save killed between its two renames (weights renamed, state not yet), renamed into
+    place now. `_save_pair` writes both files whole before renaming either, and a kill runs no cleanup, so
+    the state's temporary file is still there, complete, and names the weights' step."""
+    for tmp in sorted(ckpt.glob(f".{TRAIN_STATE}.tmp-*")):
+        try:
+            state = torch.load(tmp, map_location="cpu", weights_only=True)
+        except Exception:  # a state file cut short by a kill during its own write: not the one we need
+            continue
+        if state.get("step") == step:
+            commit(tmp, ckpt / TRAIN_STATE)
+            print(f"{ckpt}: finished a save of step {step} that was interrupted between its renames",
+                  file=sys.stderr)
+            return state
+    return None
 
 
 def rng_state() -> dict[str, Any]:

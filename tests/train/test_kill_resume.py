@@ -129,3 +129,22 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny
     a, b = lmforge.load(full).model.state_dict(), lmforge.load(run).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), f"{note}; killed {kills}"
     assert not [p.name for p in run.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_kill_between_the_two_renames_of_a_save_is_finished_on_resume(tmp_path):
+    """The window the random kills above can hit only rarely, made exact: the weights of step 6 renamed into
+    place, the process killed before train_state.pt of step 6 was (its complete temporary file left behind,
+    as a SIGKILL runs no cleanup). Resuming finishes that save instead of refusing a step-3 state."""
+    from lmforge.checkpoint import TRAIN_STATE, save_checkpoint
+    from lmforge.config import preset
+    from lmforge.model.gpt import GPT
+
+    model = GPT(preset("gpt2-tiny", vocab_size=64))
+    save_checkpoint(tmp_path, model, model.config, train_state={"marker": "three"}, step=3)
+    save_checkpoint(tmp_path / "next", model, model.config, train_state={"marker": "six"}, step=6)
+    (tmp_path / "next" / "model.safetensors").replace(tmp_path / "model.safetensors")
+    (tmp_path / "next" / TRAIN_STATE).replace(tmp_path / f".{TRAIN_STATE}.tmp-12345")
+    (tmp_path / f".{TRAIN_STATE}.tmp-999").write_bytes(b"cut short")  # another kill, mid-write: skipped
+    state = load_train_state(tmp_path)
+    assert (state["step"], state["marker"]) == (6, "six")
+    assert torch.load(tmp_path / TRAIN_STATE, weights_only=True)["step"] == 6
