@@ -20,7 +20,9 @@ from lmforge.infer.seq2seq import Seq2SeqSearch, summary_prompt, translate_texts
 from lmforge.infer.text import chat_prompt
 from lmforge.model.bert import Encoder
 from lmforge.model.gpt import GPT
+from lmforge.model.quant import layout_of
 from lmforge.model.seq2seq import Seq2Seq
+from lmforge.precision import inference_dtype
 from lmforge.tokenizer import Tokenizer
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -37,6 +39,7 @@ class LM:
         self.generation_config = generation_config or {}
         self.max_model_len: int | None = None  # most positions per request; None: as `Engine` chooses
         self.engine: Engine | None = None  # made by the first generation, reused by every later one
+        self.compile = False  # decode through an inductor-compiled step (`lmforge.infer.compiled`)
 
     @property
     def config(self) -> ModelConfig:
@@ -73,9 +76,10 @@ class LM:
         weight, engine = next(self.model.parameters()), self.engine
         if (engine is None or engine.source is not self.model
                 or (engine.device, engine.dtype) != (weight.device, weight.dtype)
-                or self.max_model_len not in (None, engine.max_model_len)):
+                or self.max_model_len not in (None, engine.max_model_len)
+                or self.compile != engine.compile):
             self.engine = Engine(self.model, self.tokenizer, max_batch=ENGINE_ROWS, max_model_len=self.max_model_len,
-                                 preallocate=False)
+                                 preallocate=False, compile=self.compile)
         return self.engine
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
@@ -200,13 +204,25 @@ class LM:
         return out
 
 
-def load(path: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None) -> LM:
+def load(path: str | Path, *, device: str | None = None, dtype: torch.dtype | str | None = None,
+         compile: bool = False) -> LM:
     """Load a checkpoint directory written by any lmforge stage, or a Hugging Face model folder.
 
     An HF folder (GPT-2, Llama, Mistral, Qwen2/2.5, Qwen3, BERT) is converted in memory, tensor by
     tensor; `lmforge convert from-hf` does the same once, to disk. A LoRA run loads as its base with the
     adapters attached (unmerged); a classify/regress run as its fine-tuned backbone.
+
+    `dtype` None keeps the checkpoint's own; "auto" is the fastest to decode in: bfloat16 where the device
+    has fast bf16 matmuls (AMX, a recent GPU), except for a quantized checkpoint, whose layout decides.
+    `compile` decodes through a compiled step (`lmforge.infer.compiled`): faster, after a ~30-60 s compile.
     """
-    loaded = load_model(path, dtype=dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    loaded = load_model(path, dtype=None if dtype == "auto" else dtype, device=device)
     model = loaded.model.backbone if loaded.kind == "head" else loaded.model
-    return LM(model, loaded.tokenizer, loaded.generation_config, Path(path))
+    if dtype == "auto" and layout_of(model) is None and (fast := inference_dtype("auto", device)) is not None:
+        model.to(fast)
+    lm = LM(model, loaded.tokenizer, loaded.generation_config, Path(path))
+    lm.compile = compile
+    return lm

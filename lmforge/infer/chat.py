@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.lm import LM
-from lmforge.options import Dtype, torch_dtype
+from lmforge.precision import InferenceDtype
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /quit"
 
@@ -74,7 +74,8 @@ def chat(
     seed: int | None = None,
     max_model_len: int | None = None,
     device: str | None = None,
-    dtype: Dtype | None = None,
+    dtype: InferenceDtype = "auto",
+    compile: bool = False,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated.
 
@@ -91,11 +92,14 @@ def chat(
         max_model_len: Most tokens (conversation + reply) the KV cache holds; by default the model's context,
             or less where it would not fit a quarter of the free memory. The cache grows with the conversation.
         device: "cpu", "cuda", ...; default CUDA when present.
-        dtype: Cast the weights: "bfloat16" halves their memory; default the checkpoint's own.
+        dtype: "auto" (default) decodes in bfloat16 where this machine has fast bf16 matmuls (AMX, a recent
+            GPU), else in the checkpoint's own; "float32" or "bfloat16" forces one.
+        compile: Decode through a compiled step: 2x faster per token on a CPU, after a 30-60 s compile
+            (worth it for long replies, not for a few tokens).
     """
     from lmforge.lm import load
 
-    lm = load(model, device=device, dtype=torch_dtype(dtype))
+    lm = load(model, device=device, dtype=dtype, compile=compile)
     lm.require_decoder("chat")
     lm.max_model_len = max_model_len
     chat_loop(lm, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

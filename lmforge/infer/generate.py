@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lmforge.errors import ConfigError
 from lmforge.lm import LM, load
-from lmforge.options import Dtype, torch_dtype
+from lmforge.precision import InferenceDtype
 
 
 def generate(
@@ -32,7 +32,8 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     device: str | None = None,
-    dtype: Dtype | None = None,
+    dtype: InferenceDtype = "auto",
+    compile: bool = False,
 ) -> str:
     """Complete a prompt, or answer one chat message, with a trained or imported model.
 
@@ -58,14 +59,17 @@ def generate(
         stop: Strings that end the completion (not included in it).
         seed: Seed for reproducible sampling.
         device: "cpu", "cuda", ...; default CUDA when present.
-        dtype: Cast the weights: "bfloat16" halves their memory; default the checkpoint's own.
+        dtype: "auto" (default) decodes in bfloat16 where this machine has fast bf16 matmuls (AMX, a recent
+            GPU), else in the checkpoint's own; "float32" or "bfloat16" forces one.
+        compile: Decode through a compiled step: 2x faster per token on a CPU, after a 30-60 s compile
+            (worth it for long replies, not for a few tokens).
 
     Returns:
         The completion, without the prompt.
     """
     if (prompt is None) == (chat is None):
         raise ConfigError("give exactly one of --prompt (text to continue) and --chat (a message to answer)")
-    lm = load(model, device=device, dtype=torch_dtype(dtype))
+    lm = load(model, device=device, dtype=dtype, compile=compile)
     lm.require_decoder("generate text")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat or ""}]
     max_new_tokens = fit_budget(lm, prompt if chat is None else messages, max_new_tokens)

@@ -13,9 +13,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +29,7 @@ from lmforge.infer.limits import MAX_REQUEST_BYTES, BodyLimit, bad_json_message,
 from lmforge.infer.protocol import ChatRequest, CompletionRequest, TokenizeRequest, error_body
 from lmforge.infer.service import APIError, Service, new_id, sse
 from lmforge.lm import LM
+from lmforge.precision import InferenceDtype
 
 log = logging.getLogger("lmforge.serve")
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
@@ -266,7 +266,8 @@ def serve(
     max_model_len: int | None = None,
     name: str | None = None,
     device: str | None = None,
-    dtype: Literal["float32", "bfloat16"] | None = None,
+    dtype: InferenceDtype = "auto",
+    compile: bool = False,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     max_concurrent_per_key: int | None = None,
     request_timeout: float | None = None,
@@ -289,7 +290,10 @@ def serve(
             free memory. The cache for max_batch rows of it is allocated at start.
         name: The model id clients send; the checkpoint directory's name by default.
         device: "cpu", "cuda", ...; default CUDA when present.
-        dtype: Cast the weights: "bfloat16" halves their memory (and the bytes each decoded token reads).
+        dtype: "auto" (default) serves in bfloat16 where this machine has fast bf16 matmuls (AMX, a recent GPU),
+            else in the checkpoint's own; "float32" or "bfloat16" forces one (bf16 halves the bytes a token reads).
+        compile: Decode through a compiled step (2x faster per token on a CPU); each batch size compiles
+            (30-60 s) the first time a step runs that many rows.
         max_request_bytes: Largest request body accepted; a larger one gets a 413 before it is read whole.
         max_concurrent_per_key: Most requests in flight at once per API key (per client address without
             keys); beyond it a 429 with Retry-After. Default: no limit but --max-queue.
@@ -302,9 +306,11 @@ def serve(
 
     from lmforge.lm import load
 
-    lm = load(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    lm = load(model, device=device, dtype=dtype, compile=compile)
     lm.require_decoder("serve completions")
     served = name or Path(model).resolve().name
+    if compile:
+        print("compiling the decode step (30-60 s on a CPU; cached for later runs) ...", flush=True)
     documents = open_index(Path(index), device=device) if index is not None else None
     app = create_app(lm, name=served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      max_model_len=max_model_len, max_request_bytes=max_request_bytes,

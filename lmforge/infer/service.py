@@ -103,7 +103,9 @@ class Service:
     def __init__(self, lm: LM, name: str, max_batch: int, max_queue: int, max_model_len: int | None = None, *,
                  max_concurrent_per_key: int | None = None, request_timeout: float | None = None) -> None:
         self.lm, self.name, self.tokenizer = lm, name, lm.tokenizer
-        self.engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_model_len=max_model_len)
+        self.engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_model_len=max_model_len,
+                             compile=lm.compile)
+        self.engine.warm_up()  # a compiled step compiles here, before the first client waits for it
         self.runner = EngineRunner(self.engine, max_queue)
         self.metrics = Metrics(self.engine)
         self.context = self.engine.max_model_len

@@ -187,10 +187,10 @@ def test_cli_convert_both_ways_and_every_verb_takes_an_hf_folder(tmp_path, tiny_
     assert result["tokens"] == expected["tokens"] and result["perplexity"] == pytest.approx(expected["perplexity"],
                                                                                              rel=1e-5)
     assert main(["generate", "--model", str(directory), "--prompt", "the model", "--max-new-tokens", "4",
-                 "--temperature", "0"]) == 0
+                 "--temperature", "0", "--dtype", "float32"]) == 0  # the default, auto, is bf16 on AMX
     assert capsys.readouterr().out == converted.generate("the model", max_new_tokens=4, temperature=0) + "\n"
     assert main(["generate", "--model", str(directory), "--chat", "hello", "--max-new-tokens", "4",
-                 "--temperature", "0"]) == 0
+                 "--temperature", "0", "--dtype", "float32"]) == 0
     reply = converted.chat([{"role": "user", "content": "hello"}], max_new_tokens=4, temperature=0)
     assert capsys.readouterr().out == reply + "\n"
 
