@@ -5,16 +5,16 @@ per layer, each a few microseconds of dispatch, and oneDNN's batch-1 bf16 produc
 about half the memory bandwidth on this CPU (11 GB/s against 24 GB/s for a plain read). Compiling the
 step with inductor's `max_autotune` and `freezing` fuses the norms, rotary and residual adds into a few
 C++ loops and picks its own AMX/AVX-512 matrix-vector kernels for the frozen weights: on a 30M Llama
-(512 wide, 8 layers) this decoded 269 tokens/s against the eager engine's 116 (`benchmarks/decode.py`).
+(512 wide, 8 layers) this decoded 273 tokens/s against the eager engine's 113 and llama.cpp's 283
+(`benchmarks/decode.py`).
 
 The number of rows and the attended length are dynamic (marked so from the first call), so neither a
 growing sequence nor a batch that grows and shrinks recompiles: one graph serves one row, and one every
-larger batch (dynamo specializes a size of 1); the weight
-shapes stay static, which is what inductor's matrix kernels need. The cache is the engine's preallocated
-`SlotCache`, written in place inside the graph.
+larger batch (dynamo specializes a size of 1); the weight shapes stay static, which is what inductor's
+matrix kernels need. The cache is the engine's preallocated `SlotCache`, written in place inside the graph.
 
-The price is the compile: ~30-60 s on 2 cores the first time, ~20 s from inductor's on-disk cache after
-that. Worth it for a server or a long generation, not a one-line completion: hence opt-in (`compile=True`).
+The price is the compile: 20-90 s on 2 cores, less when inductor's on-disk cache holds the kernels. Worth
+it for a server or a long generation, not a one-line completion: hence opt-in (`compile=True`).
 The eager engine stays the reference; tests check the compiled step gives its tokens.
 """
 

@@ -61,7 +61,7 @@ def generate(
         device: "cpu", "cuda", ...; default CUDA when present.
         dtype: "auto" (default) decodes in bfloat16 where this machine has fast bf16 matmuls (AMX, a recent
             GPU), else in the checkpoint's own; "float32" or "bfloat16" forces one.
-        compile: Decode through a compiled step: 2x faster per token on a CPU, after a 30-60 s compile
+        compile: Decode through a compiled step: 1.5-3x faster per token on a CPU, after a 20-90 s compile
             (worth it for long replies, not for a few tokens).
 
     Returns:

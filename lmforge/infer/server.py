@@ -292,8 +292,8 @@ def serve(
         device: "cpu", "cuda", ...; default CUDA when present.
         dtype: "auto" (default) serves in bfloat16 where this machine has fast bf16 matmuls (AMX, a recent GPU),
             else in the checkpoint's own; "float32" or "bfloat16" forces one (bf16 halves the bytes a token reads).
-        compile: Decode through a compiled step (2x faster per token on a CPU); each batch size compiles
-            (30-60 s) the first time a step runs that many rows.
+        compile: Decode through a compiled step (1.5-3x faster per token on a CPU); it compiles (20-90 s)
+            before the server listens.
         max_request_bytes: Largest request body accepted; a larger one gets a 413 before it is read whole.
         max_concurrent_per_key: Most requests in flight at once per API key (per client address without
             keys); beyond it a 429 with Retry-After. Default: no limit but --max-queue.
