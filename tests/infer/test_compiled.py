@@ -115,3 +115,17 @@ def test_server_compiles_before_listening_and_answers_as_eager(make_checkpoint, 
             request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
             with urllib.request.urlopen(request) as reply:
                 assert json.load(reply)["choices"][0]["text"] == expected
+
+
+def test_int8_model_compiles_and_decodes_as_eager():
+    """A quantized model (int8 layers with their packed kernels) compiles rather than falling back to eager,
+    and starts with the eager tokens (in bf16 on random weights the two part after ~7 greedy tokens: inductor
+    keeps float32 inside its fused norms where eager rounds every op to bf16)."""
+    from lmforge.model.quant import quantize_model
+
+    model = conftest.random_gpt("llama-tiny", VOCAB, std=0.3).to(torch.bfloat16).eval()
+    quantize_model(model, "int8")
+    eager, _ = decode(model, [PROMPTS[0]], compile=False)
+    compiled, engine = decode(model, [PROMPTS[0]], compile=True)
+    assert engine.compiled is not None and engine.compiled._compiled_once
+    assert compiled[0][:5] == eager[0][:5]
