@@ -177,8 +177,6 @@ class Int8Linear(nn.Module):
 
         q = 16·h + l (h = ⌊q/16⌋ in −8..7, l in 0..15): h is stored as h + 8 with scale 16·s and zero 0, l with
         scale s and zero 8·s, so the kernel's (v − 8)·scale + zero gives 16·s·h and s·l, which sum to s·q."""
-        if torch.compiler.is_compiling() and "planes" in self._kernel:  # built by the eager prefill; the
-            return self._kernel["planes"]  # compiled step freezes them (it is rebuilt when weights change)
         key = (dtype, *((p.data_ptr(), p._version) for p in (self.weight_int8, self.weight_scale)))
         if self._kernel.get("key") != key:
             with torch.no_grad():
@@ -192,7 +190,8 @@ class Int8Linear(nn.Module):
         return self._kernel["planes"]
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_kernel(x) and self.in_features % 32 == 0 and self.in_features <= PLANES_MAX_IN:
+        planes = not torch.compiler.is_compiling()  # compiled, the int8 product is inductor's own AMX template
+        if planes and _use_kernel(x) and self.in_features % 32 == 0 and self.in_features <= PLANES_MAX_IN:
             group, high, low, high_table, low_table = self._planes(x.dtype)
             y = (_int4_mm(x, high, group, high_table, self.out_features)
                  + _int4_mm(x, low, group, low_table, self.out_features))
