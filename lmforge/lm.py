@@ -214,7 +214,7 @@ def load(path: str | Path, *, device: str | None = None, dtype: torch.dtype | st
 
     `dtype` None keeps the checkpoint's own; "auto" is the fastest to decode in: bfloat16 where the device
     has fast bf16 matmuls (AMX, a recent GPU), except for a quantized checkpoint, whose layout decides.
-    `compile` decodes through a compiled step (`lmforge.infer.compiled`): faster, after a ~30-60 s compile.
+    `compile` decodes through a compiled step (`lmforge.infer.compiled`): faster, after a 20-90 s compile.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str) and dtype != "auto":

@@ -104,7 +104,7 @@ class Engine:
         preallocate: Allocate the whole cache now (a server: memory known at start); False grows it as
             requests need, up to `max_batch` × `max_model_len` (one caller decoding short requests).
         compile: Decode through an inductor-compiled step (`lmforge.infer.compiled`): much faster per token,
-            ~30-60 s to compile on first use. Implies `preallocate` (the graph writes the cache in place).
+            20-90 s to compile on first use. Implies `preallocate` (the graph writes the cache in place).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,

@@ -310,7 +310,7 @@ def serve(
     lm.require_decoder("serve completions")
     served = name or Path(model).resolve().name
     if compile:
-        print("compiling the decode step (30-60 s on a CPU; cached for later runs) ...", flush=True)
+        print("compiling the decode step (20-90 s on a CPU, less once inductor has cached its kernels)", flush=True)
     documents = open_index(Path(index), device=device) if index is not None else None
     app = create_app(lm, name=served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      max_model_len=max_model_len, max_request_bytes=max_request_bytes,
