@@ -125,8 +125,10 @@ class Engine:
             self.end_ids.add(self.eos_id)
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
+        # The vocabulary head on the last position only: scoring every prompt position costs T×vocab for nothing.
+        self._split_head = hasattr(model, "hidden") and hasattr(model, "lm_head") and not self.recompute
         self.compile = compile  # as asked; a model without a KV cache or a `hidden` stage decodes eagerly
-        compile = compile and not self.recompute and hasattr(model, "hidden") and hasattr(model, "lm_head")
+        compile = compile and self._split_head
         preallocate = preallocate or compile
         self.max_model_len = self._plan(max_model_len, preallocate)
         self.cache_bytes = (8 * max_batch * self.max_model_len if self.recompute
@@ -141,8 +143,6 @@ class Engine:
         self.running: list[Request] = []
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
-        # The vocabulary head on the last position only: scoring every prompt position costs T×vocab for nothing.
-        self._split_head = hasattr(model, "hidden") and hasattr(model, "lm_head") and not self.recompute
         self.compiled = CompiledStep(model, self.cache) if compile else None
 
     def _plan(self, max_model_len: int | None, preallocate: bool) -> int:
@@ -316,7 +316,7 @@ class Engine:
         """The compiled step's logits; None (and eager from now on) where the model does not compile."""
         try:
             return self.compiled(idx, positions[:, 0])
-        except ImportError as error:  # inductor refusing a model is not the user's error: decode eagerly
+        except Exception as error:  # inductor refusing a model (e.g. int4 layers) is not the user's error
             log.warning("decoding eagerly: compiling the decode step failed (%s: %s)",
                         type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             self.compiled = None
@@ -386,13 +386,13 @@ class Engine:
             starts += [r.length] * len(feed)
         idx = torch.tensor(ids, device=self.device)[:, None]
         positions = torch.tensor(starts, device=self.device)[:, None]
-        mask = None
-        if any(s != starts[0] for s in starts):  # rows at different lengths: each sees only its own positions
-            keys = torch.arange(max(starts) + 1, device=self.device)[None, :]
-            mask = causal_mask(positions, keys, getattr(self.config, "sliding_window", None))[:, None, None, :]
         self.cache.prepare(slice(0, len(ids)), starts, 1)
         logits = self._compiled_logits(idx, positions) if self.compiled is not None else None
         if logits is None:
+            mask = None
+            if any(s != starts[0] for s in starts):  # rows at different lengths: each sees only its own positions
+                keys = torch.arange(max(starts) + 1, device=self.device)[None, :]
+                mask = causal_mask(positions, keys, getattr(self.config, "sliding_window", None))[:, None, None, :]
             logits = self._logits(idx, positions, mask)
         requests, singles, rows, row = list(self.running), [], [], 0
         finished: list[Request] = []

@@ -129,3 +129,17 @@ def test_int8_model_compiles_and_decodes_as_eager():
     compiled, engine = decode(model, [PROMPTS[0]], compile=True)
     assert engine.compiled is not None and engine.compiled._compiled_once
     assert compiled[0][:5] == eager[0][:5]
+
+
+def test_a_model_that_does_not_compile_decodes_eagerly(caplog):
+    """int4 layers (a data-pointer check dynamo refuses) do not compile: the engine says so once and decodes
+    eagerly, with the eager tokens, instead of failing the request."""
+    from lmforge.model.quant import quantize_model
+
+    model = conftest.random_gpt("llama-tiny", VOCAB, std=0.3).to(torch.bfloat16).eval()
+    quantize_model(model, "int4", group_size=32)
+    eager, _ = decode(model, [PROMPTS[0]], compile=False)
+    with caplog.at_level("WARNING", logger="lmforge.infer"):
+        compiled, engine = decode(model, [PROMPTS[0]], compile=True)
+    assert engine.compiled is None and "decoding eagerly" in caplog.text
+    assert compiled == eager
