@@ -1,4 +1,4 @@
-"""Weight-only quantization: int8 per output channel and int4 group-wise, run by PyTorch's CPU kernels.
+"""Weight-only quantization: int8 per output channel and int4 group-wise, decoded from the integers directly.
 
 int8 (per-channel symmetric, as LLM.int8(), Dettmers et al. 2022, without its outlier split): each output row
 gets one scale s = max|w_row| / 127 and is stored as round(w / s). int4 (group-wise asymmetric round-to-nearest,
@@ -7,17 +7,19 @@ gets a scale s = (max − min) / 15 and a zero z = min + 8·s, and is stored as 
 so w ≈ (q − 8)·s + z. Two int4 values share a byte in the file (even input column in the low nibble).
 
 Decoding one token streams every weight from memory once, so fewer bytes per weight is more tokens per
-second. At batch 1 (and a few rows) the layers run PyTorch's CPU kernels on the integers directly; for a long
-prompt (many rows) they dequantize to the activations' dtype and run one dense matmul, which AMX does faster.
-  - int4: `aten._weight_int4pack_mm_for_cpu` on its own packing of the weight (`aten._convert_weight_to_int4pack_
+second. At batch 1 (and up to 16 rows) the layers multiply the integers directly; for a long prompt (many rows)
+they dequantize to the activations' dtype and run one dense matmul, which AMX does faster.
+  - By default through lmforge's own AVX-512 loops (`kernels.py`, `qmatvec.c`): they read the stored tensors as
+    they are (int8 rows; int4 two values a byte) with float32 copies of the scales, and stream at close to the
+    read bandwidth, where PyTorch's kernels below reach about half of it (benchmarks/quant_decode.py).
+  - Without a C compiler or AVX-512 (or with LMFORGE_KERNELS=0), PyTorch's CPU kernels:
+    int4: `aten._weight_int4pack_mm_for_cpu` on its own packing of the weight (`aten._convert_weight_to_int4pack_
     for_cpu`), made once on first use. It needs out_features % 16 == 0, so the kernel's copy gets zero rows up to
     a multiple of 16 (GPT-2's 50257-token head) and the extra outputs are dropped.
-  - int8: `aten._weight_int8pack_mm`, or for short rows (in_features ≤ 1024, a multiple of 32) as two int4
+    int8: `aten._weight_int8pack_mm`, or for short rows (in_features ≤ 1024, a multiple of 32) as two int4
     planes through the int4 kernel, q = 16·h + l with h in −8..7 and l in 0..15, each plane with the row's
-    scale (16·s and s): the same bytes per weight. Measured on this machine (Sapphire Rapids, 2 threads,
-    torch 2.13), streaming 200 MB of one shape: the planes read 12-13 GB/s against 11-13 for int8pack at
-    in_features 768 (GPT-2 decoding 1.35x bf16 instead of 1.21x), and int8pack wins at 2048-5632 (up to
-    20 vs 13 GB/s).
+    scale (16·s and s): the same bytes per weight (GPT-2 decoding 1.35x bf16 instead of 1.21x).
+  - Under torch.compile (the compiled decode step) int8 is inductor's own autotuned AMX int8 template.
 Measured shape rules (torch 2.13): `_weight_int8pack_mm` crashes or returns garbage for bf16/fp16 inputs unless
 in_features % 16 == 0; the int4 kernel needs group_size in 32/64/128/256 dividing in_features. `fits` says which
 scheme a layer can take, by name, and `quantize_model` falls back int4 → int8 → full precision.
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.model import kernels
 
 Scheme = Literal["int8", "int4"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -120,6 +123,20 @@ def _int4_mm(x: Tensor, packed: Tensor, group_size: int, table: Tensor, out_feat
     return y[:, :out_features].reshape(*x.shape[:-1], out_features)
 
 
+def _cached(layer: nn.Module, name: str, sources: tuple[Tensor | None, ...], build: Any) -> Any:
+    """`build()`, kept in the layer until one of `sources` is replaced or changed in place (a load, `.to`)."""
+    key = tuple(None if t is None else (t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype) for t in sources)
+    entry = layer._kernel.get(name)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = layer._kernel[name] = (key, build())
+    return entry[1]
+
+
+def _float32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
 def _use_kernel(x: Tensor) -> bool:
     """The packed-weight kernels serve inference on the CPU at a few rows; training and prefill dequantize."""
     rows = x.numel() // x.shape[-1]
@@ -177,21 +194,23 @@ class Int8Linear(nn.Module):
 
         q = 16·h + l (h = ⌊q/16⌋ in −8..7, l in 0..15): h is stored as h + 8 with scale 16·s and zero 0, l with
         scale s and zero 8·s, so the kernel's (v − 8)·scale + zero gives 16·s·h and s·l, which sum to s·q."""
-        key = (dtype, *((p.data_ptr(), p._version) for p in (self.weight_int8, self.weight_scale)))
-        if self._kernel.get("key") != key:
-            with torch.no_grad():
-                q = self.weight_int8.to(torch.int32)
-                high = torch.div(q, 16, rounding_mode="floor")
-                group = next(g for g in reversed(INT4_GROUP_SIZES) if self.in_features % g == 0)
-                s = self.weight_scale.to(dtype)[:, None].expand(-1, self.in_features // group)
-                self._kernel = {"key": key, "planes": (
-                    group, _int4_kernel_weight(high + 8), _int4_kernel_weight(q - 16 * high),
-                    _int4_table(16 * s, torch.zeros_like(s), dtype), _int4_table(s, 8 * s, dtype))}
-        return self._kernel["planes"]
+        def build() -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+            q = self.weight_int8.to(torch.int32)
+            high = torch.div(q, 16, rounding_mode="floor")
+            group = next(g for g in reversed(INT4_GROUP_SIZES) if self.in_features % g == 0)
+            s = self.weight_scale.to(dtype)[:, None].expand(-1, self.in_features // group)
+            return (group, _int4_kernel_weight(high + 8), _int4_kernel_weight(q - 16 * high),
+                    _int4_table(16 * s, torch.zeros_like(s), dtype), _int4_table(s, 8 * s, dtype))
+
+        return _cached(self, f"planes-{dtype}", (self.weight_int8, self.weight_scale), build)
 
     def forward(self, x: Tensor) -> Tensor:
-        planes = not torch.compiler.is_compiling()  # compiled, the int8 product is inductor's own AMX template
-        if planes and _use_kernel(x) and self.in_features % 32 == 0 and self.in_features <= PLANES_MAX_IN:
+        eager = not torch.compiler.is_compiling()  # compiled, the int8 product is inductor's own AMX template
+        if eager and _use_kernel(x) and kernels.takes(x):
+            scale, bias = _cached(self, "float32", (self.weight_scale, self.bias),
+                                  lambda: (_float32(self.weight_scale), _float32(self.bias)))
+            return kernels.int8_matmul(x, self.weight_int8, scale, bias)
+        if eager and _use_kernel(x) and self.in_features % 32 == 0 and self.in_features <= PLANES_MAX_IN:
             group, high, low, high_table, low_table = self._planes(x.dtype)
             y = (_int4_mm(x, high, group, high_table, self.out_features)
                  + _int4_mm(x, low, group, low_table, self.out_features))
@@ -255,16 +274,17 @@ class Int4Linear(nn.Module):
 
     def _kernel_tensors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(kernel-packed weight, scales-and-zeros in `dtype`), rebuilt when a stored tensor changes."""
-        key = (dtype, *((p.data_ptr(), p._version) for p in (self.weight_int4, self.weight_scale, self.weight_zero)))
-        if self._kernel.get("key") != key:
-            with torch.no_grad():
-                self._kernel = {"key": key, "packed": _int4_kernel_weight(self.int_values()),
-                                "table": _int4_table(self.weight_scale, self.weight_zero, dtype)}
-        return self._kernel["packed"], self._kernel["table"]
+        return _cached(self, f"packed-{dtype}", (self.weight_int4, self.weight_scale, self.weight_zero), lambda: (
+            _int4_kernel_weight(self.int_values()), _int4_table(self.weight_scale, self.weight_zero, dtype)))
 
     def forward(self, x: Tensor) -> Tensor:
         if not _use_kernel(x):
             return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if not torch.compiler.is_compiling() and kernels.takes(x):
+            scale, zs, bias = _cached(self, "float32", (self.weight_scale, self.weight_zero, self.bias), lambda: (
+                _float32(self.weight_scale), _float32(self.weight_zero.float() - 8 * self.weight_scale.float()),
+                _float32(self.bias)))
+            return kernels.int4_matmul(x, self.weight_int4, scale, zs, bias, self.group_size)
         packed, table = self._kernel_tensors(x.dtype)
         y = _int4_mm(x, packed, self.group_size, table, self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)

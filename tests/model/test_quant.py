@@ -21,6 +21,17 @@ from lmforge.model.quant import (
 )
 
 
+@pytest.fixture(params=["lmforge", "pytorch"])
+def kernel_source(request, monkeypatch):
+    """Run a test on lmforge's own AVX-512 kernels and on PyTorch's (the path without a C compiler)."""
+    from lmforge.model import kernels
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "takes", lambda x: False)
+    elif not kernels.available():
+        pytest.skip("lmforge's kernels are not built on this machine")
+    return request.param
+
+
 def make(scheme: str, out_features: int = 48, in_features: int = 256, scale_dtype=torch.float32):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features)
@@ -59,7 +70,7 @@ def test_int4_packing_puts_the_even_column_in_the_low_nibble():
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # 1 and 3 rows go through the packed kernels, 40 (a prefill) dequantizes
-def test_layer_output_equals_the_dense_matmul_with_the_dequantized_weight(scheme, rows):
+def test_layer_output_equals_the_dense_matmul_with_the_dequantized_weight(scheme, rows, kernel_source):
     _, layer = make(scheme)
     x = torch.randn(rows, 256)
     with torch.no_grad():
@@ -75,7 +86,10 @@ def test_layer_output_equals_the_dense_matmul_with_the_dequantized_weight(scheme
     ("int8", 48, "aten::_weight_int8pack_mm"),  # in_features a multiple of 16, not of 32
     ("int8", 2048, "aten::_weight_int8pack_mm"),  # long rows
     ("int4", 256, "aten::_weight_int4pack_mm_for_cpu")])
-def test_batch_one_inference_runs_a_packed_integer_kernel(scheme, in_features, kernel):
+def test_batch_one_inference_runs_a_packed_integer_kernel(scheme, in_features, kernel, monkeypatch):
+    """PyTorch's kernels, the path taken where lmforge's own (tests/model/test_kernels.py) are not built."""
+    from lmforge.model import kernels
+    monkeypatch.setattr(kernels, "takes", lambda x: False)
     _, layer = make(scheme, in_features=in_features, scale_dtype=torch.bfloat16)
     layer.to(torch.bfloat16)
     with torch.inference_mode(), torch.profiler.profile() as prof:
@@ -84,7 +98,7 @@ def test_batch_one_inference_runs_a_packed_integer_kernel(scheme, in_features, k
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_int8_planes_and_int4_rows_padded_to_the_kernels_multiple_of_16_give_the_dense_result(scheme):
+def test_int8_planes_and_int4_rows_padded_to_the_kernels_multiple_of_16_give_the_dense_result(scheme, kernel_source):
     """GPT-2's head has 50257 rows: the kernel's copy is padded to a multiple of 16 and the extra outputs dropped."""
     _, layer = make(scheme, out_features=37, in_features=128)
     x = torch.randn(2, 128)
