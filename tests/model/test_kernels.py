@@ -99,3 +99,32 @@ def test_turned_off_the_layers_take_pytorchs_kernels(monkeypatch):
     q4 = copy.deepcopy(layer("int4", 16, 128))
     with torch.inference_mode():
         assert not runs_lmforge_kernel(q4, torch.randn(1, 128))
+
+
+def test_a_failed_build_warns_and_leaves_pytorchs_kernels(tmp_path, monkeypatch):
+    """No usable compiler: one warning naming the cause, `available()` False, nothing half-written in the cache."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    kernels._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="decode kernels not built"):
+            assert not kernels.available()
+        assert not list((tmp_path / "kernels").iterdir())
+    finally:
+        monkeypatch.undo()
+        kernels._library.cache_clear()
+    assert kernels.available()
+
+
+def test_the_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        assert kernels.available()
+        built = list((tmp_path / "kernels").glob("qmatvec-*.so"))
+        assert len(built) == 1
+        kernels._library.cache_clear()
+        assert kernels.available() and list((tmp_path / "kernels").glob("qmatvec-*.so")) == built
+    finally:
+        monkeypatch.undo()
+        kernels._library.cache_clear()
