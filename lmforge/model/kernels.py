@@ -91,28 +91,32 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _output(x: Tensor, out_features: int) -> tuple[Tensor, Tensor, int]:
+    """(x contiguous, the output [..., out_features] in x's dtype, rows); no reshapes: this runs per layer per token."""
+    x = x if x.is_contiguous() else x.contiguous()
+    return x, x.new_empty(*x.shape[:-1], out_features), x.numel() // x.shape[-1]
+
+
 def int8_matmul(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x·(q·scale)ᵀ + bias with q int8 [out, in], scale and bias float32 [out]; x float32/bfloat16 [..., in]."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty(rows.shape[0], q.shape[0], dtype=x.dtype)
-    code = _library().lmforge_q8_matmul(rows.data_ptr(), _DTYPES[x.dtype], q.data_ptr(), scale.data_ptr(),
-                                        _ptr(bias), out.data_ptr(), _DTYPES[x.dtype], rows.shape[0], q.shape[0],
-                                        q.shape[1], torch.get_num_threads())
+    x, out, rows = _output(x, q.shape[0])
+    dtype = _DTYPES[x.dtype]
+    code = _library().lmforge_q8_matmul(x.data_ptr(), dtype, q.data_ptr(), scale.data_ptr(), _ptr(bias),
+                                        out.data_ptr(), dtype, rows, q.shape[0], q.shape[1], torch.get_num_threads())
     if code:
         raise RuntimeError(f"lmforge_q8_matmul failed ({code}) for in_features={q.shape[1]}")
-    return out.reshape(*x.shape[:-1], q.shape[0])
+    return out
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, zs: Tensor, bias: Tensor | None, group: int) -> Tensor:
     """x·Wᵀ + bias with W = (q − 8)·scale + zero stored two values a byte ([out, in/2]); zs = zero − 8·scale.
 
     scale and zs are float32 [out, in/group]; bias float32 [out] or None."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out_features = packed.shape[0]
-    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
-    code = _library().lmforge_q4_matmul(rows.data_ptr(), _DTYPES[x.dtype], packed.data_ptr(), scale.data_ptr(),
-                                        zs.data_ptr(), _ptr(bias), out.data_ptr(), _DTYPES[x.dtype], rows.shape[0],
-                                        out_features, rows.shape[1], group, torch.get_num_threads())
+    x, out, rows = _output(x, packed.shape[0])
+    dtype = _DTYPES[x.dtype]
+    code = _library().lmforge_q4_matmul(x.data_ptr(), dtype, packed.data_ptr(), scale.data_ptr(), zs.data_ptr(),
+                                        _ptr(bias), out.data_ptr(), dtype, rows, packed.shape[0], x.shape[-1], group,
+                                        torch.get_num_threads())
     if code:
-        raise RuntimeError(f"lmforge_q4_matmul failed ({code}) for in_features={rows.shape[1]}, group={group}")
-    return out.reshape(*x.shape[:-1], out_features)
+        raise RuntimeError(f"lmforge_q4_matmul failed ({code}) for in_features={x.shape[-1]}, group={group}")
+    return out

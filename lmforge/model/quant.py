@@ -125,7 +125,7 @@ def _int4_mm(x: Tensor, packed: Tensor, group_size: int, table: Tensor, out_feat
 
 def _cached(layer: nn.Module, name: str, sources: tuple[Tensor | None, ...], build: Any) -> Any:
     """`build()`, kept in the layer until one of `sources` is replaced or changed in place (a load, `.to`)."""
-    key = tuple(None if t is None else (t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype) for t in sources)
+    key = [None if t is None else (t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype) for t in sources]
     entry = layer._kernel.get(name)
     if entry is None or entry[0] != key:
         with torch.no_grad():
