@@ -206,7 +206,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         eager = not torch.compiler.is_compiling()  # compiled, the int8 product is inductor's own AMX template
-        if eager and _use_kernel(x) and kernels.takes(x):
+        if eager and _use_kernel(x) and self.in_features % 16 == 0 and kernels.takes(x):
             scale, bias = _cached(self, "float32", (self.weight_scale, self.bias),
                                   lambda: (_float32(self.weight_scale), _float32(self.bias)))
             return kernels.int8_matmul(x, self.weight_int8, scale, bias)

@@ -128,3 +128,11 @@ def test_the_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         kernels._library.cache_clear()
+
+
+def test_an_int8_lora_base_of_any_width_still_decodes():
+    """`quantize_linears` (the LoRA base) takes any in_features; widths the kernel cannot take use the dense path."""
+    q8 = layer("int8", 8, 40)
+    x = torch.randn(1, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(q8(x), F.linear(x, q8.dequantized_weight(), q8.bias), atol=2e-5, rtol=1e-5)
