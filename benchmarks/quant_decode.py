@@ -9,8 +9,8 @@ What it measures
     a Llama shape (TinyLlama 1.1B: width 2048, 22 layers, 32 heads / 4 KV heads, SwiGLU 5632, untied
     32000-token head).
 
-    The integer kernels are compute-bound on this CPU: where bf16 decoding streams 75-90% of the measured
-    read bandwidth, int8 and int4 reach about half of theirs, so fewer bytes do not buy their full ratio.
+    The int8 and int4 layers run lmforge's own AVX-512 kernels (lmforge/model/qmatvec.c); `LMFORGE_KERNELS=0`
+    measures PyTorch's integer kernels instead, which stream about half the read bandwidth here.
 
 How
     Each round decodes `--tokens` new tokens after a `--prompt`-token prompt with every variant in turn; a
@@ -22,6 +22,7 @@ How
 Run
     .venv/bin/python benchmarks/quant_decode.py                        # both shapes, int8 head for int4
     .venv/bin/python benchmarks/quant_decode.py --head int4 --models gpt2 --tokens 32 --rounds 3 --threads 2
+    LMFORGE_KERNELS=0 .venv/bin/python benchmarks/quant_decode.py      # PyTorch's kernels, for the ratio
 """
 
 from __future__ import annotations
